@@ -1,0 +1,32 @@
+"""Error classes and the process exit codes they map to.
+
+Kubernetes reads these codes: the chart's podFailurePolicy fails the Job at once on USER_ERROR (a retry
+cannot fix a bad spec), while INTERNAL errors are retried and a preempted pod is not counted at all.
+"""
+
+from __future__ import annotations
+
+OK = 0
+INTERNAL = 1  # a bug or an infrastructure fault: worth a retry
+USER_ERROR = 2  # bad spec, data or arguments: fix the input, retrying will not help
+PREEMPTED = 143  # SIGTERM (128 + 15): checkpoint saved, the next attempt resumes
+
+
+class UserError(Exception):
+    """The user's input is wrong; the message names the field, file or row."""
+
+    exit_code = USER_ERROR
+
+
+class SpecError(UserError):
+    """The experiment spec is invalid."""
+
+
+class DataError(UserError):
+    """A data file or data set does not fit the task."""
+
+
+class Preempted(Exception):
+    """The job received SIGTERM and stopped after saving a checkpoint."""
+
+    exit_code = PREEMPTED

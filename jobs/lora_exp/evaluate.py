@@ -1,0 +1,145 @@
+"""Evaluation: the eval job (baseline, trained artifact, or an MLflow run's model) and the per-split outputs
+shared with the train job's final evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_exp.errors import UserError
+from lora_exp.spec import Run, RunSpec
+
+log = logging.getLogger(__name__)
+
+
+def tokenize(ds: Any, form: Any) -> Any:
+    """Tokenize once; ``datasets`` caches the result on disk keyed by data and function fingerprints."""
+    return ds.map(form.encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing ({form.kind})")
+
+
+def metrics_fn(form: Any):
+    from lora_exp.metrics import classification_metrics
+
+    def compute(p: Any) -> dict[str, float]:
+        return classification_metrics(form.task, form.gold(p.label_ids), p.predictions.argmax(axis=1))
+
+    return compute
+
+
+def evaluate_splits(trainer: Any, form: Any, task: Any, evals_raw: dict[str, Any], out_dir: Path, tracker: Any):
+    """Predict every eval split; write and log results, predictions, report and confusion matrix.
+
+    Metric names are ``<split>_<metric>`` in every job, so baseline, trained and re-evaluated runs line
+    up column by column in the MLflow UI.
+    """
+    from lora_exp.metrics import write_split_outputs
+
+    flat: dict[str, float] = {}
+    for split, raw in evals_raw.items():
+        pred = trainer.predict(tokenize(raw, form), metric_key_prefix=split)
+        if not trainer.is_world_process_zero():
+            continue
+        metrics = write_split_outputs(out_dir / split, split, task, raw, pred.predictions, form.gold(pred.label_ids))
+        metrics["loss"] = pred.metrics.get(f"{split}_loss", float("nan"))
+        log.info("%s: %s", split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples"))
+        named = {f"{split}_{k}": v for k, v in metrics.items()}
+        tracker.log_metrics(named)
+        tracker.log_artifacts(out_dir / split, f"eval/{split}")
+        flat.update(named)
+    return flat
+
+
+def resolve_artifact(run: Run, tmp: Path) -> Path | None:
+    """Where the model to evaluate lives: eval.model_path, eval.mlflow_run_id, this train run's own
+    artifact, or None for the base model (the baseline)."""
+    from lora_exp.tracking import download_model
+    from lora_exp.train import FINAL_DIR
+
+    e = run.spec.eval
+    if e.model_path:
+        path = Path(e.model_path)
+        if not (path / "lora_exp_run.yaml").is_file():
+            raise UserError(f"eval.model_path: {path} is not a lora-exp artifact (no lora_exp_run.yaml)")
+        return path
+    if e.mlflow_run_id:
+        return download_model(e.mlflow_run_id, tmp)
+    if run.spec.job == "train":
+        own = run.output_dir / FINAL_DIR
+        if not own.is_dir():
+            raise UserError(f"run {run.name}: no trained model at {own}; train it first (lora-exp train)")
+        return own
+    return None
+
+
+def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: Any, task: Any) -> tuple[Any, str]:
+    """The base model (baseline) or the trained model an artifact describes, and a label for logs/tags."""
+    from lora_exp.methods import get_method
+    from lora_exp.models import load_model
+
+    def load_base(path: str | None, model_spec=spec.model) -> Any:
+        return load_model(model_spec, form.model_class, tokenizer, task.labels, path=path)
+
+    if artifact is None:
+        return load_base(None), "base"
+    trained = RunSpec.model_validate(yaml.safe_load((artifact / "lora_exp_run.yaml").read_text())["spec"])
+    if trained.formulation.kind != spec.formulation.kind:
+        raise UserError(f"{artifact}: trained with formulation {trained.formulation.kind!r}, "
+                        f"but this eval uses {spec.formulation.kind!r}")
+    from lora_exp.tasks import get_task
+
+    if get_task(trained).labels != task.labels:
+        raise UserError(f"{artifact}: trained for labels {get_task(trained).labels}, evaluating {task.labels}")
+    model = get_method(trained.method.name).load(lambda p: load_base(p, trained.model), str(artifact))
+    return model, f"{trained.method.name}:{artifact}"
+
+
+def evaluate_run(run: Run) -> dict[str, float]:
+    """The eval job: load data (checked first), the model, predict each eval split, log a new MLflow run."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lora_exp.data import load_splits, subsample
+    from lora_exp.formulation import build_formulation
+    from lora_exp.models import load_tokenizer
+    from lora_exp.tasks import get_task
+    from lora_exp.tracking import mlflow_run
+
+    spec = run.spec
+    task = get_task(spec)
+    eval_spec = spec.model_copy(update={"job": "eval"})
+    _, _, evals_raw = subsample(eval_spec, task, load_splits(eval_spec, task))
+    with tempfile.TemporaryDirectory(prefix="lora-exp-eval-") as tmp:
+        artifact = resolve_artifact(run, Path(tmp))
+        tokenizer = load_tokenizer(spec.model)
+        form = build_formulation(spec, task, tokenizer)
+        model, source = load_for_eval(spec, artifact, form, tokenizer, task)
+        log.info("evaluating %s on %s (%s)", source, task.name, ", ".join(evals_raw))
+        out = run.output_dir / "eval-job"
+        args = TrainingArguments(output_dir=str(Path(tmp) / "trainer"), per_device_eval_batch_size=
+                                 spec.training.per_device_eval_batch_size, report_to="none", disable_tqdm=True,
+                                 dataloader_pin_memory=torch.cuda.is_available())
+        trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=form.collator(),
+                          preprocess_logits_for_metrics=form.preprocess_logits)
+        with mlflow_run(run, "eval") as tracker:
+            tracker.set_tags({"eval.source": source})
+            metrics = evaluate_splits(trainer, form, task, evals_raw, out, tracker)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def print_summary(results: dict[str, dict[str, float]]) -> None:
+    """A plain table of each run's headline metrics (runs x metrics), printed after ``lora-exp run``."""
+    keys = sorted({k for m in results.values() for k in m if not k.endswith(("_samples", "_loss"))})
+    if not keys:
+        return
+    width = max(len(n) for n in results) + 2
+    print("\n" + "run".ljust(width) + "".join(k.rjust(max(len(k), 8) + 2) for k in keys))
+    for name, m in results.items():
+        print(name.ljust(width) + "".join(
+            (f"{m[k]:.4f}" if k in m else "-").rjust(max(len(k), 8) + 2) for k in keys))
+    print()
