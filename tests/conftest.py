@@ -48,10 +48,14 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
+    from lora_exp.tasks import REGISTRY
+
     out = tmp_path_factory.mktemp("tiny-tokenizer")
-    corpus = [r["text"] for r in toy_rows(400)] + ["Premise Hypothesis Relationship Sentence Review Label pos neg"]
+    # Every task's label words, so that verbalizer label words start with distinct tokens as with real BPEs.
+    words = " ".join(label for t in REGISTRY.values() for label in t.labels)
+    corpus = [r["text"] for r in toy_rows(400)] + [f"Premise Hypothesis Relationship Label pos neg {words}"] * 20
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.save_pretrained(out)

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import experiment, mlflow_client, run_cli, write_values
 from safetensors import safe_open
 
+from conftest import experiment, mlflow_client, run_cli, write_values
 from lora_exp.spec import resolve_runs
 from lora_exp.train import train
 
@@ -86,7 +86,7 @@ def test_head_only_trains_only_the_head(tiny_gpt2, toy_data, tmp_path):
 
     head = run.output_dir / "final" / "head.safetensors"
     with safe_open(head, "pt") as f:
-        trained = {k: f.get_tensor(k) for k in f.keys()}
+        trained = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     assert list(trained) == ["score.weight"]
     # The base weights in the checkpoint equal the pretrained ones; only the head moved.
     torch.manual_seed(0)

@@ -159,7 +159,8 @@ def check_local_split(spec: RunSpec, task: ClassificationTask, split: str) -> Sp
             counts[task.labels[label]] += 1
             rows += 1
     if rows == 0:
-        raise DataError(f"data.data_files.{split}: split {split!r} is empty ({', '.join(map(str, _files(spec, split)))})")
+        files = ", ".join(map(str, _files(spec, split)))
+        raise DataError(f"data.data_files.{split}: split {split!r} is empty ({files})")
     return SplitReport(split, rows, counts)
 
 

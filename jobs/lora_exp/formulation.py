@@ -89,9 +89,8 @@ class Verbalizer:
             raise SpecError("formulation.verbalizers: a label word tokenizes to nothing")
         self.first_ids = [ids[0] for ids in self.word_ids]
         if len(set(self.first_ids)) != len(self.first_ids):
-            clash = [
-                self.words[lab] for lab, t in zip(self.task.labels, self.first_ids) if self.first_ids.count(t) > 1
-            ]
+            pairs = zip(self.task.labels, self.first_ids, strict=True)
+            clash = [self.words[lab] for lab, t in pairs if self.first_ids.count(t) > 1]
             raise SpecError(
                 f"formulation.verbalizers: label words {clash} start with the same token; choose words whose "
                 "first tokens differ (scoring reads the first token)"
@@ -101,7 +100,7 @@ class Verbalizer:
         prompts = [p + self.suffix for p in render(self.template, batch, self.task.text_fields)]
         enc = self.tokenizer(prompts)
         out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
-        for prompt_ids, label in zip(enc["input_ids"], batch["label"]):
+        for prompt_ids, label in zip(enc["input_ids"], batch["label"], strict=True):
             target = self.word_ids[label]
             keep = self.max_length - len(target)
             if len(prompt_ids) > keep:  # keep the end: the question sits there; the text's start is dropped

@@ -236,7 +236,9 @@ class ExperimentFile(_Strict):
     """The ``experiment`` section of a values file: shared defaults and a matrix of named runs."""
 
     name: str = Field(description="Experiment name: MLflow experiment and output folder.")
-    defaults: dict[str, Any] = Field(default_factory=dict, description="Fields shared by every run (a RunSpec, partial).")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Fields shared by every run (a RunSpec, partial)."
+    )
     runs: dict[str, dict[str, Any]] = Field(description="Run name -> its fields (a RunSpec, partial), over defaults.")
 
 
@@ -297,17 +299,33 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _format_errors(err: ValidationError, where: str) -> str:
+def _format_errors(err: ValidationError, where: str, origins: list[tuple[str, dict[str, Any]]] | None = None) -> str:
+    """One line per problem, ``<file>: <path>: <message>``, the path as the user wrote it.
+
+    ``origins`` are the layers a run was merged from (label, dict), last wins; a path is reported under
+    the last layer that holds it, so a typo in ``defaults`` is not blamed on a run.
+    """
     lines = []
     for e in err.errors():
         # Drop discriminator tags (e.g. 'lora' in method.lora.r) so the path is what the user wrote.
         loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in _METHOD_TAGS)]
         path = ".".join(loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (misspelled?)"
-        lines.append(f"{where}: {path}: {msg}")
+        prefix = where
+        for label, layer in reversed(origins or []):
+            if _has_path(layer, loc):
+                prefix = label
+                break
+        msg = "unknown key (misspelled?)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{prefix}{path}: {msg}")
     return "\n".join(lines)
+
+
+def _has_path(d: Any, loc: list[str]) -> bool:
+    for part in loc:
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return bool(loc)
 
 
 _METHOD_TAGS = {"lora", "head_only", "full"}
@@ -333,7 +351,7 @@ def load_experiment(path: str | os.PathLike[str]) -> ExperimentFile:
     try:
         return ExperimentFile.model_validate(doc["experiment"])
     except ValidationError as e:
-        raise SpecError(_format_errors(e, f"{path}: experiment")) from None
+        raise SpecError(_format_errors(e, f"{path}: experiment.")) from None
 
 
 def resolve_runs(
@@ -349,11 +367,14 @@ def resolve_runs(
     sets = parse_set(overrides or [])
     resolved = []
     for name in names:
-        merged = deep_merge(deep_merge(exp.defaults, exp.runs[name] or {}), sets)
+        own = exp.runs[name] or {}
+        merged = deep_merge(deep_merge(exp.defaults, own), sets)
         try:
             spec = RunSpec.model_validate(merged)
         except ValidationError as e:
-            raise SpecError(_format_errors(e, f"{path}: experiment (run {name!r})")) from None
+            origins = [(f"{path}: experiment.defaults.", exp.defaults), (f"{path}: experiment.runs.{name}.", own),
+                       ("--set ", sets)]
+            raise SpecError(_format_errors(e, f"{path}: run {name!r}: ", origins)) from None
         resolved.append(Run(experiment=exp.name, name=name, spec=spec, source=str(path)))
     return resolved
 

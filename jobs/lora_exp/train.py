@@ -8,6 +8,7 @@ logs into the same MLflow run; a finished run is not trained again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -122,10 +123,9 @@ def _watch_sigterm():
         if callable(previous):
             previous(signum, frame)
 
-    try:
+    # Outside the main thread (e.g. a notebook worker) signals cannot be caught: no preemption handling.
+    with contextlib.suppress(ValueError):
         signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. under a test runner thread): no preemption handling
-        pass
     return lambda: hit["sigterm"]
 
 
@@ -215,7 +215,8 @@ def latest_checkpoint(out: Path) -> str | None:
     candidates = []
     for d in out.glob("checkpoint-*"):
         step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and (d / "trainer_state.json").is_file() and not (d / "checkpoint-is-incomplete.txt").exists():
+        complete = (d / "trainer_state.json").is_file() and not (d / "checkpoint-is-incomplete.txt").exists()
+        if step.isdigit() and complete:
             candidates.append((int(step), d))
     if not candidates:
         return None

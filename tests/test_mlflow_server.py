@@ -1,0 +1,73 @@
+"""A run logged to a real `mlflow server` process on loopback, as a Kubernetes Job logs to the chart's server:
+tracking URI from the environment, artifacts proxied by the server (--serve-artifacts)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import experiment, run_cli, write_values
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    artifacts = tmp_path / "server-artifacts"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--serve-artifacts",
+         "--artifacts-destination", str(artifacts)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start:\n{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.5)
+    yield url, artifacts
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_run_logs_to_a_real_tracking_server(mlflow_server, tmp_path, tiny_llama, toy_data):
+    from mlflow import MlflowClient
+
+    url, artifacts = mlflow_server
+    doc = experiment(tiny_llama, toy_data, tmp_path, runs={"lora": {"method": {"name": "lora", "r": 2}}})
+    del doc["experiment"]["defaults"]["tracking"]  # the URI comes from the environment, as in a pod
+    proc = run_cli("train", "-f", str(write_values(tmp_path, doc)), cwd=tmp_path,
+                   env={"MLFLOW_TRACKING_URI": url, "LORA_EXP_PROFILE": "cpu", "LORA_EXP_IMAGE": "test:1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+
+    client = MlflowClient(tracking_uri=url)
+    (run,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hardware_profile"] == "cpu" and run.data.tags["image"] == "test:1"
+    assert run.data.params["method.r"] == "2" and "validation_accuracy" in run.data.metrics
+    names = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "model")}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+    # The server, not the client, stored the artifact files.
+    assert list(artifacts.rglob("adapter_model.safetensors"))
