@@ -21,8 +21,9 @@ class ProgressLogger(TrainerCallback):
     resumed job's ETA is not skewed by the steps it skipped.
     """
 
-    def __init__(self, samples_per_step: int) -> None:
+    def __init__(self, samples_per_step: int, tracker: Tracker | None = None) -> None:
         self.samples_per_step = samples_per_step
+        self.tracker = tracker
         self._t0 = self._last_t = 0.0
         self._step0 = self._last_step = 0
 
@@ -48,6 +49,9 @@ class ProgressLogger(TrainerCallback):
                 rate, timedelta(seconds=round(eta)),
             )
             self._last_t, self._last_step = now, step
+            if self.tracker:  # for `lora-exp status`: how far along, how fast, how long to go
+                self.tracker.log_metrics({"progress": step / max(state.max_steps, 1), "max_steps": state.max_steps,
+                                          "samples_per_second": rate, "eta_seconds": eta}, step=step)
         elif any(k.startswith("eval_") for k in logs):
             shown = " ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in logs.items()
                              if k.startswith("eval_") and isinstance(v, float) and "runtime" not in k

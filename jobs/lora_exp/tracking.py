@@ -60,6 +60,7 @@ def run_tags(run: Run, job: str) -> dict[str, str]:
         "lora_exp.values_file": run.source,
         "lora_exp.run": run.name,
         "lora_exp.experiment": run.experiment,
+        "lora_exp.release": os.environ.get("LORA_EXP_RELEASE", ""),  # the Helm release, set by the chart
         **s.tracking.tags,
     }
 

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,61 +26,91 @@ METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
 FINAL_DIR = "final"
 
 
-def train(run: Run) -> dict[str, float]:
+@dataclass
+class Prepared:
+    """Everything a run needs before its Trainer: checked data, tokenizer, formulation, model with method."""
+
+    task: Any
+    tokenizer: Any
+    form: Any
+    method: Any
+    model: Any
+    train_ds: Any
+    val_ds: Any
+    evals_raw: dict[str, Any]
+
+
+def prepare(run: Run) -> Prepared:
+    """Data first (a bad file fails before any model loads), then tokenizer, formulation, model + method."""
     from lora_exp.data import load_splits, subsample
-    from lora_exp.evaluate import evaluate_splits, tokenize
+    from lora_exp.evaluate import tokenize
     from lora_exp.formulation import build_formulation
-    from lora_exp.methods import count_parameters, get_method
+    from lora_exp.methods import get_method
     from lora_exp.models import load_model, load_tokenizer
     from lora_exp.tasks import get_task
-    from lora_exp.tracking import mlflow_run, write_spec
+
+    spec = run.spec
+    task = get_task(spec)
+    train_raw, val_raw, evals_raw = subsample(spec, task, load_splits(spec, task))
+    log.info("run %s: %s on %s, %d train / %d in-training eval rows", run.name, spec.method.name, task.name,
+             len(train_raw), len(val_raw))
+    tokenizer = load_tokenizer(spec.model)
+    form = build_formulation(spec, task, tokenizer)
+    method = get_method(spec.method.name)
+    model = load_model(spec.model, form.model_class, tokenizer, task.labels)
+    model = method.apply(model, spec, "SEQ_CLS" if form.kind == "classifier" else "CAUSAL_LM")
+    return Prepared(task, tokenizer, form, method, model, tokenize(train_raw, form), tokenize(val_raw, form),
+                    evals_raw)
+
+
+def train(run: Run) -> dict[str, float]:
+    from lora_exp.evaluate import evaluate_splits
+    from lora_exp.methods import count_parameters
+    from lora_exp.tracking import mlflow_run
 
     spec, out = run.spec, run.output_dir
     if (out / METRICS_FILE).is_file():
         log.info("run %s already finished (%s); delete %s to run it again", run.name, out / METRICS_FILE, out)
         return json.loads((out / METRICS_FILE).read_text())
 
-    task = get_task(spec)
-    train_raw, val_raw, evals_raw = subsample(spec, task, load_splits(spec, task))  # before any model loads
-    log.info("run %s: %s on %s, %d train / %d in-training eval rows", run.name, spec.method.name, task.name,
-             len(train_raw), len(val_raw))
-
-    tokenizer = load_tokenizer(spec.model)
-    form = build_formulation(spec, task, tokenizer)
-    train_ds, val_ds = tokenize(train_raw, form), tokenize(val_raw, form)
-    method = get_method(spec.method.name)
-    model = load_model(spec.model, form.model_class, tokenizer, task.labels)
-    model = method.apply(model, spec, "SEQ_CLS" if form.kind == "classifier" else "CAUSAL_LM")
-    trainable, total = count_parameters(model)
+    p = prepare(run)
+    trainable, total = count_parameters(p.model)
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
-
     out.mkdir(parents=True, exist_ok=True)
     with mlflow_run(run, "train", state_dir=out) as tracker:
         tracker.log_metrics({"trainable_params": trainable, "total_params": total,
                              "trainable_share": trainable / total})
-        trainer, preempted = build_trainer(spec, model, form, tokenizer, out, train_ds, val_ds, tracker)
+        trainer, preempted = build_trainer(spec, p.model, p.form, p.tokenizer, out, p.train_ds, p.val_ds, tracker)
         result = trainer.train(resume_from_checkpoint=latest_checkpoint(out))
         if preempted():
             raise Preempted(f"run {run.name}: SIGTERM at step {trainer.state.global_step}; checkpoint saved in {out}")
         tracker.log_metrics({**result.metrics, **peak_memory()}, step=trainer.state.global_step)
-
-        final = out / FINAL_DIR
-        if trainer.is_world_process_zero():
-            tmp = out / (FINAL_DIR + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            method.save(trainer.model, str(tmp))
-            write_spec(run, tmp / "lora_exp_run.yaml")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            tracker.log_artifacts(final, "model")
-            size_mb = sum(f.stat().st_size for f in final.rglob("*") if f.is_file()) / 2**20
-            tracker.log_metrics({"artifact_size_mb": size_mb})
-
-        metrics = evaluate_splits(trainer, form, task, evals_raw, out / "eval", tracker)
+        save_artifact(run, trainer, p.method, tracker)
+        metrics = evaluate_splits(trainer, p.form, p.task, p.evals_raw, out / "eval", tracker)
         if trainer.is_world_process_zero():
             (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def save_artifact(run: Run, trainer: Any, method: Any, tracker: Any) -> Path:
+    """Write ``<out>/final`` atomically (all ranks take part: ZeRO-3 gathers shards) and log it as ``model``."""
+    from lora_exp.tracking import write_spec
+
+    out = run.output_dir
+    final, tmp = out / FINAL_DIR, out / (FINAL_DIR + ".tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    method.save(trainer, str(tmp))
+    if trainer.is_world_process_zero():
+        write_spec(run, tmp / "lora_exp_run.yaml")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        tracker.log_artifacts(final, "model")
+        size_mb = sum(f.stat().st_size for f in final.rglob("*") if f.is_file()) / 2**20
+        tracker.log_metrics({"artifact_size_mb": size_mb})
+    trainer.accelerator.wait_for_everyone()
+    return final
 
 
 def build_trainer(spec: RunSpec, model: Any, form: Any, tokenizer: Any, out: Path, train_ds: Any, val_ds: Any,
@@ -92,8 +123,8 @@ def build_trainer(spec: RunSpec, model: Any, form: Any, tokenizer: Any, out: Pat
     from lora_exp.evaluate import metrics_fn
 
     args = training_arguments(spec, out, has_eval=val_ds is not None)
-    callbacks = [ProgressLogger(args.per_device_train_batch_size * args.gradient_accumulation_steps
-                                * args.world_size), MlflowMetrics(tracker)]
+    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    callbacks = [ProgressLogger(samples_per_step, tracker), MlflowMetrics(tracker)]
     if spec.training.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.training.early_stopping.patience))
     trainer = Trainer(

@@ -17,8 +17,9 @@ class Method(Protocol):
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         """Freeze/wrap the base model so exactly the method's parameters train."""
 
-    def save(self, model: Any, out_dir: str) -> None:
-        """Write the run's artifact: only what the method trained (adapter, head, or the full model)."""
+    def save(self, trainer: Any, out_dir: str) -> None:
+        """Write the run's artifact: only what the method trained (adapter, head, or the full model).
+        Called on every rank: ``trainer.save_model`` gathers ZeRO-3 shards and writes on rank 0."""
 
     def load(self, load_base: Callable[[str | None], Any], artifact_dir: str) -> Any:
         """Rebuild the trained model from the artifact; ``load_base(None)`` loads the spec's base model,

@@ -11,8 +11,10 @@ def apply(model: Any, spec: Any, task_type: str) -> Any:
     return model
 
 
-def save(model: Any, out_dir: str) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save(trainer: Any, out_dir: str) -> None:
+    # save_model consolidates ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save) and writes
+    # safetensors plus the tokenizer: a standalone model.
+    trainer.save_model(out_dir)
 
 
 def load(load_base: Any, artifact_dir: str) -> Any:

@@ -23,11 +23,14 @@ def apply(model: Any, spec: Any, task_type: str) -> Any:
     return model
 
 
-def save(model: Any, out_dir: str) -> None:
+def save(trainer: Any, out_dir: str) -> None:
     from safetensors.torch import save_file
 
-    save_file({n: p.detach().cpu().contiguous() for n, p in head_parameters(model).items()},
-              str(Path(out_dir) / HEAD_FILE))
+    if trainer.is_world_process_zero():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_file({n: p.detach().cpu().contiguous() for n, p in head_parameters(model).items()},
+                  str(Path(out_dir) / HEAD_FILE))
 
 
 def load(load_base: Any, artifact_dir: str) -> Any:

@@ -47,10 +47,20 @@ def apply(model: Any, spec: RunSpec, task_type: str) -> Any:
         raise SpecError(f"method.target_modules: {e}") from None
 
 
-def save(model: Any, out_dir: str) -> None:
-    # PEFT writes adapter_model.safetensors + adapter_config.json only (plus a SEQ_CLS head, which is
-    # trained too); the frozen base weights are never copied.
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save(trainer: Any, out_dir: str) -> None:
+    # For a PeftModel, save_model writes adapter_model.safetensors + adapter_config.json only (plus a
+    # SEQ_CLS head, which is trained too); the frozen base weights are never copied.
+    trainer.save_model(out_dir)
+    _drop_tokenizer_files(out_dir)
+
+
+def _drop_tokenizer_files(out_dir: str) -> None:
+    """The Trainer also saves the tokenizer; the artifact reuses the base model's, so keep only the adapter."""
+    from pathlib import Path
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "chat_template.jinja", "training_args.bin"):
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def load(load_base: Any, artifact_dir: str) -> Any:
