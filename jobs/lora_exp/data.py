@@ -10,14 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lora_exp.errors import DataError, SpecError
 from lora_exp.spec import RunSpec
-from lora_exp.tasks import ClassificationTask, get_task
+from lora_exp.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -36,52 +34,11 @@ class SplitReport:
         return f"{self.split}: {self.rows} rows ({counts})"
 
 
-def template_of(spec: RunSpec, task: ClassificationTask) -> str:
-    return spec.formulation.template or task.template
-
-
-def check_template(spec: RunSpec, task: ClassificationTask) -> None:
-    """Every ``{placeholder}`` of the template must be one of the task's text fields."""
-    template = template_of(spec, task)
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:
-        raise SpecError(f"formulation.template: not a valid format string ({e})") from None
-    unknown = sorted(n for n in names if n not in task.text_fields)
-    if unknown:
-        raise SpecError(
-            f"formulation.template: unknown field(s) {unknown}; the task's text fields are {list(task.text_fields)}"
-        )
-    if spec.formulation.verbalizers is not None:
-        missing = [lab for lab in task.labels if lab not in spec.formulation.verbalizers]
-        extra = [lab for lab in spec.formulation.verbalizers if lab not in task.labels]
-        if missing or extra:
-            raise SpecError(
-                f"formulation.verbalizers: must map exactly the labels {list(task.labels)}"
-                + (f"; missing {missing}" if missing else "")
-                + (f"; unknown {extra}" if extra else "")
-            )
-
-
-def required_splits(spec: RunSpec, task: ClassificationTask) -> list[str]:
+def required_splits(spec: RunSpec, task: Task) -> list[str]:
     splits = list(task.eval_splits)
     if spec.job == "train":
         splits.insert(0, task.train_split)
     return splits
-
-
-def label_to_id(value: Any, task: ClassificationTask) -> int | None:
-    """A label given as its name or as its 0-based index; None if it is neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int) and 0 <= value < task.num_labels:
-        return value
-    if isinstance(value, str):
-        if value in task.labels:
-            return task.labels.index(value)
-        if value.strip().lstrip("-").isdigit():
-            return label_to_id(int(value), task)
-    return None
 
 
 def _files(spec: RunSpec, split: str) -> list[Path]:
@@ -135,10 +92,10 @@ def _read_rows(path: Path):
         raise DataError(f"{path}: unreadable ({e})") from None
 
 
-def check_local_split(spec: RunSpec, task: ClassificationTask, split: str) -> SplitReport:
-    """Read every row of a split's files: columns present, label in the label set, text non-empty."""
-    needed = [*task.text_fields, task.label_field]
-    counts = dict.fromkeys(task.labels, 0)
+def check_local_split(spec: RunSpec, task: Task, split: str) -> SplitReport:
+    """Read every row of a split's files: the task's columns are present and each row is usable."""
+    needed = list(task.required_columns)
+    counts: dict[str, int] = dict.fromkeys(getattr(task, "labels", ()), 0)
     rows = 0
     for path in _files(spec, split):
         for line, row in _read_rows(path):
@@ -147,16 +104,12 @@ def check_local_split(spec: RunSpec, task: ClassificationTask, split: str) -> Sp
                 raise DataError(
                     f"{path}: row {line}: missing column(s) {missing} (task {task.name!r} needs {needed})"
                 )
-            label = label_to_id(row[task.label_field], task)
-            if label is None:
-                raise DataError(
-                    f"{path}: row {line}: column {task.label_field!r}: label {row[task.label_field]!r} is not in "
-                    f"the label set {list(task.labels)} (names or 0-based indices)"
-                )
-            for f in task.text_fields:
-                if not isinstance(row[f], str):
-                    raise DataError(f"{path}: row {line}: column {f!r}: expected text, got {row[f]!r}")
-            counts[task.labels[label]] += 1
+            try:
+                category = task.check_row(row)
+            except ValueError as e:
+                raise DataError(f"{path}: row {line}: {e}") from None
+            if category is not None:
+                counts[category] = counts.get(category, 0) + 1
             rows += 1
     if rows == 0:
         files = ", ".join(map(str, _files(spec, split)))
@@ -169,7 +122,7 @@ def validate_data(spec: RunSpec) -> str:
     from lora_exp.models import check_model_source
 
     task = get_task(spec)
-    check_template(spec, task)
+    task.check_spec(spec)
     check_model_source(spec.model)
     if not spec.data.data_files:
         src = spec.data.hub_path or task.hub_path
@@ -190,7 +143,7 @@ def validate_data(spec: RunSpec) -> str:
 # Loading (imports `datasets`, so kept out of the validate-only path above)
 
 
-def load_splits(spec: RunSpec, task: ClassificationTask):
+def load_splits(spec: RunSpec, task: Task):
     """Load the run's splits as a DatasetDict with the task's text fields and an int ``label`` column."""
     import datasets
 
@@ -214,32 +167,16 @@ def load_splits(spec: RunSpec, task: ClassificationTask):
     out = datasets.DatasetDict()
     for split in needed:
         ds = raw[split]
-        missing = [c for c in (*task.text_fields, task.label_field) if c not in ds.column_names]
+        missing = [c for c in task.required_columns if c not in ds.column_names]
         if missing:
             raise DataError(f"split {split!r}: missing column(s) {missing}; it has {ds.column_names}")
         if len(ds) == 0:
             raise DataError(f"split {split!r} is empty")
-        ds = ds.select_columns([*task.text_fields, task.label_field])
-        ds = _normalise_labels(ds, task, split)
-        out[split] = ds
+        out[split] = task.normalise(ds, split)
     return out
 
 
-def _normalise_labels(ds, task: ClassificationTask, split: str):
-    import datasets
-
-    values = ds[task.label_field]
-    ids = [label_to_id(v, task) for v in values]
-    if None in ids:
-        row = ids.index(None)
-        raise DataError(
-            f"split {split!r}: row {row}: label {values[row]!r} is not in the label set {list(task.labels)}"
-        )
-    ds = ds.remove_columns(task.label_field).add_column("label", ids)
-    return ds.cast_column("label", datasets.Value("int64"))
-
-
-def subsample(spec: RunSpec, task: ClassificationTask, raw):
+def subsample(spec: RunSpec, task: Task, raw):
     """Apply max_train_samples, the internal validation split and max_eval_samples.
 
     Returns (train, in-training eval set, {eval split: dataset}). The in-training eval set is the internal
@@ -253,6 +190,8 @@ def subsample(spec: RunSpec, task: ClassificationTask, raw):
     if spec.job != "train":
         return None, None, evals
     train = raw[task.train_split].shuffle(seed=d.seed)
+    if d.data_fraction < 1.0:
+        train = train.select(range(max(1, int(len(train) * d.data_fraction))))
     if d.max_train_samples:
         train = train.select(range(min(len(train), d.max_train_samples)))
     if d.validation_fraction > 0:

@@ -17,36 +17,20 @@ from lora_exp.spec import Run, RunSpec
 log = logging.getLogger(__name__)
 
 
-def tokenize(ds: Any, form: Any) -> Any:
-    """Tokenize once; ``datasets`` caches the result on disk keyed by data and function fingerprints."""
-    return ds.map(form.encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing ({form.kind})")
-
-
-def metrics_fn(form: Any):
-    from lora_exp.metrics import classification_metrics
-
-    def compute(p: Any) -> dict[str, float]:
-        return classification_metrics(form.task, form.gold(p.label_ids), p.predictions.argmax(axis=1))
-
-    return compute
-
-
-def evaluate_splits(trainer: Any, form: Any, task: Any, evals_raw: dict[str, Any], out_dir: Path, tracker: Any):
-    """Predict every eval split; write and log results, predictions, report and confusion matrix.
+def evaluate_splits(trainer: Any, form: Any, evals_raw: dict[str, Any], out_dir: Path, tracker: Any):
+    """Evaluate every eval split; log metrics and the split's output files.
 
     Metric names are ``<split>_<metric>`` in every job, so baseline, trained and re-evaluated runs line
     up column by column in the MLflow UI.
     """
-    from lora_exp.metrics import write_split_outputs
-
     flat: dict[str, float] = {}
+    trainer.args.prediction_loss_only = False  # in-training evaluation may be loss-only; this one is not
     for split, raw in evals_raw.items():
-        pred = trainer.predict(tokenize(raw, form), metric_key_prefix=split)
+        metrics = form.evaluate(trainer, raw, split, out_dir / split)
         if not trainer.is_world_process_zero():
             continue
-        metrics = write_split_outputs(out_dir / split, split, task, raw, pred.predictions, form.gold(pred.label_ids))
-        metrics["loss"] = pred.metrics.get(f"{split}_loss", float("nan"))
-        log.info("%s: %s", split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples"))
+        log.info("%s: %s", split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                           if isinstance(v, float) and not k.endswith("samples")))
         named = {f"{split}_{k}": v for k, v in metrics.items()}
         tracker.log_metrics(named)
         tracker.log_artifacts(out_dir / split, f"eval/{split}")
@@ -76,24 +60,31 @@ def resolve_artifact(run: Run, tmp: Path) -> Path | None:
     return None
 
 
+def build_kind(spec: RunSpec, task: Any) -> str:
+    from lora_exp.tasks.base import require_formulation
+
+    return require_formulation(spec, task.name, task.formulations)
+
+
 def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: Any, task: Any) -> tuple[Any, str]:
     """The base model (baseline) or the trained model an artifact describes, and a label for logs/tags."""
     from lora_exp.methods import get_method
     from lora_exp.models import load_model
 
     def load_base(path: str | None, model_spec=spec.model) -> Any:
-        return load_model(model_spec, form.model_class, tokenizer, task.labels, path=path)
+        return load_model(model_spec, form.model_class, tokenizer, getattr(task, "labels", ()), path=path)
 
     if artifact is None:
         return load_base(None), "base"
     trained = RunSpec.model_validate(yaml.safe_load((artifact / "lora_exp_run.yaml").read_text())["spec"])
-    if trained.formulation.kind != spec.formulation.kind:
-        raise UserError(f"{artifact}: trained with formulation {trained.formulation.kind!r}, "
-                        f"but this eval uses {spec.formulation.kind!r}")
+    trained_kind = build_kind(trained, task)
+    if trained_kind != form.kind:
+        raise UserError(f"{artifact}: trained with formulation {trained_kind!r}, but this eval uses {form.kind!r}")
     from lora_exp.tasks import get_task
 
-    if get_task(trained).labels != task.labels:
-        raise UserError(f"{artifact}: trained for labels {get_task(trained).labels}, evaluating {task.labels}")
+    trained_labels = getattr(get_task(trained), "labels", ())
+    if trained_labels != getattr(task, "labels", ()):
+        raise UserError(f"{artifact}: trained for labels {trained_labels}, evaluating {getattr(task, 'labels', ())}")
     model = get_method(trained.method.name).load(lambda p: load_base(p, trained.model), str(artifact))
     return model, f"{trained.method.name}:{artifact}"
 
@@ -127,7 +118,7 @@ def evaluate_run(run: Run) -> dict[str, float]:
                           preprocess_logits_for_metrics=form.preprocess_logits)
         with mlflow_run(run, "eval") as tracker:
             tracker.set_tags({"eval.source": source})
-            metrics = evaluate_splits(trainer, form, task, evals_raw, out, tracker)
+            metrics = evaluate_splits(trainer, form, evals_raw, out, tracker)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

@@ -14,6 +14,7 @@ formulation and method:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,16 +25,59 @@ from lora_exp.tasks import ClassificationTask
 
 
 class Formulation(Protocol):
+    """What the one training path needs from a task's formulation."""
+
     kind: str
     model_class: str  # the transformers Auto class that loads the base model
+    peft_task_type: str  # PEFT's TaskType for LoRA
+    prediction_loss_only: bool  # in-training evaluation reports only the loss (QA, LM)
 
-    def encode(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]: ...
+    def tokenize(self, ds: Any) -> Any:
+        """Model inputs (with ``labels``) for training and in-training evaluation."""
 
     def collator(self) -> Any: ...
 
     def preprocess_logits(self, logits: Any, labels: Any) -> Any: ...
 
-    def gold(self, label_ids: np.ndarray) -> np.ndarray: ...
+    def compute_metrics(self, p: Any) -> dict[str, float]: ...
+
+    def evaluate(self, trainer: Any, raw: Any, split: str, out_dir: Path) -> dict[str, float]:
+        """Final evaluation of one split: predict (on every rank), write outputs (rank 0), return metrics."""
+
+
+def map_batches(ds: Any, fn: Any, desc: str) -> Any:
+    """Tokenize once; ``datasets`` caches the result on disk, keyed by the data's and the function's fingerprints."""
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=desc)
+
+
+class _Classification:
+    """Shared by the classification formulations: both produce (batch, num_labels) scores."""
+
+    task: ClassificationTask
+    kind: str
+    peft_task_type: str
+    prediction_loss_only = False
+
+    def tokenize(self, ds: Any) -> Any:
+        return map_batches(ds, self.encode, f"tokenizing ({self.kind})")  # type: ignore[attr-defined]
+
+    def compute_metrics(self, p: Any) -> dict[str, float]:
+        from lora_exp.metrics import classification_metrics
+
+        return classification_metrics(self.task, self.gold(p.label_ids), p.predictions.argmax(axis=1))
+
+    def evaluate(self, trainer: Any, raw: Any, split: str, out_dir: Path) -> dict[str, float]:
+        from lora_exp.metrics import write_split_outputs
+
+        pred = trainer.predict(self.tokenize(raw), metric_key_prefix=split)
+        if not trainer.is_world_process_zero():
+            return {}
+        metrics = write_split_outputs(out_dir, split, self.task, raw, pred.predictions, self.gold(pred.label_ids))
+        metrics["loss"] = pred.metrics.get(f"{split}_loss", float("nan"))
+        return metrics
+
+    def gold(self, label_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
 
 def render(template: str, batch: dict[str, list[Any]], fields: tuple[str, ...]) -> list[str]:
@@ -42,13 +86,14 @@ def render(template: str, batch: dict[str, list[Any]], fields: tuple[str, ...]) 
 
 
 @dataclass
-class Classifier:
+class Classifier(_Classification):
     task: ClassificationTask
     tokenizer: Any
     template: str
     max_length: int
     kind: str = "classifier"
     model_class: str = "AutoModelForSequenceClassification"
+    peft_task_type: str = "SEQ_CLS"
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         enc = self.tokenizer(
@@ -69,7 +114,7 @@ class Classifier:
 
 
 @dataclass
-class Verbalizer:
+class Verbalizer(_Classification):
     task: ClassificationTask
     tokenizer: Any
     template: str
@@ -78,6 +123,7 @@ class Verbalizer:
     suffix: str
     kind: str = "verbalizer"
     model_class: str = "AutoModelForCausalLM"
+    peft_task_type: str = "CAUSAL_LM"
     word_ids: list[list[int]] = field(init=False)
     first_ids: list[int] = field(init=False)
 
@@ -133,10 +179,6 @@ class Verbalizer:
         return np.array([lookup[int(t)] for t in first])
 
 
-def build_formulation(spec: RunSpec, task: ClassificationTask, tokenizer: Any) -> Formulation:
-    template = spec.formulation.template or task.template
-    if spec.formulation.kind == "classifier":
-        return Classifier(task, tokenizer, template, spec.model.max_length)
-    words = spec.formulation.verbalizers or {label: " " + label for label in task.labels}
-    suffix = task.prompt_suffix if spec.formulation.prompt_suffix is None else spec.formulation.prompt_suffix
-    return Verbalizer(task, tokenizer, template, spec.model.max_length, words, suffix)
+def build_formulation(spec: RunSpec, task: Any, tokenizer: Any) -> Formulation:
+    """The task decides which formulations it supports; the spec picks one (``auto``: the task's own)."""
+    return task.formulation(spec, tokenizer)

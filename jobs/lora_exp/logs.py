@@ -29,6 +29,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     if not is_tty():
         # tqdm bars redraw with '\r'; in `kubectl logs` that is one ever-growing line.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
     setup_logging._done = True  # type: ignore[attr-defined]
 

@@ -60,6 +60,8 @@ class TaskSpec(_Strict):
     eval_splits: list[str] | None = Field(
         None, description="Splits evaluated at the end, reported separately (default: the task's own)."
     )
+    doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by overlapping context windows (128).")
+    max_answer_length: int | None = Field(None, ge=1, description="qa: longest answer span in tokens (30).")
 
 
 class DataSpec(_Strict):
@@ -74,6 +76,9 @@ class DataSpec(_Strict):
     )
     max_train_samples: int | None = Field(None, ge=1, description="Random subset of the training split (seeded).")
     max_eval_samples: int | None = Field(None, ge=1, description="First N rows of each eval split.")
+    data_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="Use this share of the (shuffled) training split (seed 003 used 0.1)."
+    )
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this share of the training subset as an internal validation split."
     )
@@ -115,9 +120,15 @@ class FormulationSpec(_Strict):
     ``classifier``: a classification head over the last token of the rendered template.
     ``verbalizer``: the LM scores each label word after the prompt (seed 000's
     ``Premise: … Hypothesis: … Relationship: {label}``); training is causal-LM loss on the label word.
+    ``span``: extractive QA, start/end logits over the context (SQuAD v2).
+    ``causal_lm``: next-token prediction over fixed-size blocks (WikiText).
     """
 
-    kind: Literal["classifier", "verbalizer"] = "classifier"
+    kind: Literal["auto", "classifier", "verbalizer", "span", "causal_lm"] = Field(
+        "auto",
+        description="auto: the task's natural one (classifier for classification, span for QA, causal_lm for "
+        "language modelling).",
+    )
     template: str | None = Field(
         None, description="Python format string over the task's text fields; default: the task's own."
     )
@@ -195,10 +206,14 @@ class TrackingSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """What an eval job evaluates. Neither field set: the base model as is (the baseline)."""
+    """What an eval job evaluates (neither source set: the base model as is, the baseline), and how
+    language-model generations are sampled for BLEU/ROUGE/etc."""
 
     model_path: str | None = Field(None, description="A trained artifact directory (adapter, head or full model).")
     mlflow_run_id: str | None = Field(None, description="Evaluate the model artifact logged by this MLflow run.")
+    generation_samples: int = Field(32, ge=0, description="lm: held-out blocks continued by the model (0: skip).")
+    prompt_tokens: int = Field(32, ge=1, description="lm: tokens of each held-out block given as the prompt.")
+    max_new_tokens: int = Field(32, ge=1, description="lm: tokens generated and compared with the true continuation.")
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalSpec:
@@ -223,8 +238,8 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> RunSpec:
-        if self.method.name == "head_only" and self.formulation.kind != "classifier":
-            raise ValueError("method head_only trains a classification head: it needs formulation.kind 'classifier'")
+        if self.method.name == "head_only" and self.formulation.kind in ("verbalizer", "causal_lm"):
+            raise ValueError("method head_only trains a task head: formulation.kind 'verbalizer'/'causal_lm' has none")
         if self.task.name == "custom" and not (self.task.text_fields and self.task.labels):
             raise ValueError("task 'custom' needs task.text_fields and task.labels")
         if self.task.name == "custom" and not self.data.data_files and not self.data.hub_path:

@@ -43,7 +43,6 @@ class Prepared:
 def prepare(run: Run) -> Prepared:
     """Data first (a bad file fails before any model loads), then tokenizer, formulation, model + method."""
     from lora_exp.data import load_splits, subsample
-    from lora_exp.evaluate import tokenize
     from lora_exp.formulation import build_formulation
     from lora_exp.methods import get_method
     from lora_exp.models import load_model, load_tokenizer
@@ -57,10 +56,9 @@ def prepare(run: Run) -> Prepared:
     tokenizer = load_tokenizer(spec.model)
     form = build_formulation(spec, task, tokenizer)
     method = get_method(spec.method.name)
-    model = load_model(spec.model, form.model_class, tokenizer, task.labels)
-    model = method.apply(model, spec, "SEQ_CLS" if form.kind == "classifier" else "CAUSAL_LM")
-    return Prepared(task, tokenizer, form, method, model, tokenize(train_raw, form), tokenize(val_raw, form),
-                    evals_raw)
+    model = load_model(spec.model, form.model_class, tokenizer, getattr(task, "labels", ()))
+    model = method.apply(model, spec, form.peft_task_type)
+    return Prepared(task, tokenizer, form, method, model, form.tokenize(train_raw), form.tokenize(val_raw), evals_raw)
 
 
 def train(run: Run) -> dict[str, float]:
@@ -84,9 +82,10 @@ def train(run: Run) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=latest_checkpoint(out))
         if preempted():
             raise Preempted(f"run {run.name}: SIGTERM at step {trainer.state.global_step}; checkpoint saved in {out}")
-        tracker.log_metrics({**result.metrics, **peak_memory()}, step=trainer.state.global_step)
+        tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history)},
+                            step=trainer.state.global_step)
         save_artifact(run, trainer, p.method, tracker)
-        metrics = evaluate_splits(trainer, p.form, p.task, p.evals_raw, out / "eval", tracker)
+        metrics = evaluate_splits(trainer, p.form, p.evals_raw, out / "eval", tracker)
         if trainer.is_world_process_zero():
             (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -120,9 +119,9 @@ def build_trainer(spec: RunSpec, model: Any, form: Any, tokenizer: Any, out: Pat
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lora_exp.callbacks import MlflowMetrics, ProgressLogger
-    from lora_exp.evaluate import metrics_fn
 
     args = training_arguments(spec, out, has_eval=val_ds is not None)
+    args.prediction_loss_only = form.prediction_loss_only
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     callbacks = [ProgressLogger(samples_per_step, tracker), MlflowMetrics(tracker)]
     if spec.training.early_stopping:
@@ -134,8 +133,8 @@ def build_trainer(spec: RunSpec, model: Any, form: Any, tokenizer: Any, out: Pat
         eval_dataset=val_ds,
         processing_class=tokenizer,
         data_collator=form.collator(),
-        compute_metrics=metrics_fn(form),
-        preprocess_logits_for_metrics=form.preprocess_logits,
+        compute_metrics=None if form.prediction_loss_only else form.compute_metrics,
+        preprocess_logits_for_metrics=None if form.prediction_loss_only else form.preprocess_logits,
         callbacks=callbacks,
     )
     for cb in (PrinterCallback, ProgressCallback):  # our ProgressLogger prints the one line per interval
@@ -254,6 +253,16 @@ def latest_checkpoint(out: Path) -> str | None:
     step, path = max(candidates)
     log.info("resuming from %s (step %d)", path, step)
     return str(path)
+
+
+def best_losses(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Lowest logged training and in-training validation loss (seed 003's comparison columns)."""
+    out = {}
+    for key, name in (("loss", "best_train_loss"), ("eval_loss", "best_eval_loss")):
+        values = [h[key] for h in history if key in h]
+        if values:
+            out[name] = min(values)
+    return out
 
 
 def peak_memory() -> dict[str, float]:
