@@ -71,8 +71,9 @@ def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: An
     from lora_exp.methods import get_method
     from lora_exp.models import load_model
 
-    def load_base(path: str | None, model_spec=spec.model) -> Any:
-        return load_model(model_spec, form.model_class, tokenizer, getattr(task, "labels", ()), path=path)
+    def load_base(path: str | None, run_spec: RunSpec = spec, extra: dict | None = None) -> Any:
+        labels = getattr(task, "labels", ())
+        return load_model(run_spec.model, form.model_class, tokenizer, labels, path=path, **(extra or {}))
 
     if artifact is None:
         return load_base(None), "base"
@@ -85,7 +86,8 @@ def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: An
     trained_labels = getattr(get_task(trained), "labels", ())
     if trained_labels != getattr(task, "labels", ()):
         raise UserError(f"{artifact}: trained for labels {trained_labels}, evaluating {getattr(task, 'labels', ())}")
-    model = get_method(trained.method.name).load(lambda p: load_base(p, trained.model), str(artifact))
+    method = get_method(trained.method.name)
+    model = method.load(lambda p: load_base(p, trained, method.load_kwargs(trained)), str(artifact))
     return model, f"{trained.method.name}:{artifact}"
 
 

@@ -18,9 +18,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Configure the root logger once; quiet the libraries' own progress bars when stdout is a pipe."""
     if getattr(setup_logging, "_done", False):
         return
+    # Under torchrun every process writes to the pod log: tag lines with the global rank.
+    rank = f" [rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{rank} %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stdout,
     )

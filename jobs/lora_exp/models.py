@@ -50,14 +50,16 @@ def torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_model(model: ModelSpec, auto_class: str, tokenizer: Any, labels: tuple[str, ...], path: str | None = None):
-    """Load ``path`` (default: the spec's model) with the formulation's Auto class."""
+def load_model(model: ModelSpec, auto_class: str, tokenizer: Any, labels: tuple[str, ...], path: str | None = None,
+               **extra: Any):
+    """Load ``path`` (default: the spec's model) with the formulation's Auto class; ``extra`` comes from the
+    method (e.g. a quantization config)."""
     import transformers
 
     cls = getattr(transformers, auto_class)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra)
     if auto_class == "AutoModelForSequenceClassification":
-        kwargs = {
+        kwargs |= {
             "num_labels": len(labels),
             "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)},

@@ -99,6 +99,17 @@ class LoraSpec(_Strict):
     )
 
 
+class QLoraSpec(LoraSpec):
+    """QLoRA: LoRA over a 4-bit (nf4, double-quantized) frozen base; LoRA weights stay fp32."""
+
+    name: Literal["qlora"]  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit weights are dequantized to for each matmul."
+    )
+
+
 class HeadOnlySpec(_Strict):
     """Train only the classification head; every pretrained weight stays frozen."""
 
@@ -111,7 +122,7 @@ class FullSpec(_Strict):
     name: Literal["full"]
 
 
-MethodSpec = Annotated[LoraSpec | HeadOnlySpec | FullSpec, Field(discriminator="name")]
+MethodSpec = Annotated[LoraSpec | QLoraSpec | HeadOnlySpec | FullSpec, Field(discriminator="name")]
 
 
 class FormulationSpec(_Strict):
@@ -343,7 +354,7 @@ def _has_path(d: Any, loc: list[str]) -> bool:
     return bool(loc)
 
 
-_METHOD_TAGS = {"lora", "head_only", "full"}
+_METHOD_TAGS = {"lora", "qlora", "head_only", "full"}
 
 
 def load_values(path: str | os.PathLike[str]) -> dict[str, Any]:

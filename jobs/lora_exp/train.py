@@ -56,7 +56,8 @@ def prepare(run: Run) -> Prepared:
     tokenizer = load_tokenizer(spec.model)
     form = build_formulation(spec, task, tokenizer)
     method = get_method(spec.method.name)
-    model = load_model(spec.model, form.model_class, tokenizer, getattr(task, "labels", ()))
+    model = load_model(spec.model, form.model_class, tokenizer, getattr(task, "labels", ()),
+                       **method.load_kwargs(spec))
     model = method.apply(model, spec, form.peft_task_type)
     return Prepared(task, tokenizer, form, method, model, form.tokenize(train_raw), form.tokenize(val_raw), evals_raw)
 
@@ -79,6 +80,7 @@ def train(run: Run) -> dict[str, float]:
         tracker.log_metrics({"trainable_params": trainable, "total_params": total,
                              "trainable_share": trainable / total})
         trainer, preempted = build_trainer(spec, p.model, p.form, p.tokenizer, out, p.train_ds, p.val_ds, tracker)
+        describe_parallelism(trainer)
         result = trainer.train(resume_from_checkpoint=latest_checkpoint(out))
         if preempted():
             raise Preempted(f"run {run.name}: SIGTERM at step {trainer.state.global_step}; checkpoint saved in {out}")
@@ -140,6 +142,14 @@ def build_trainer(spec: RunSpec, model: Any, form: Any, tokenizer: Any, out: Pat
     for cb in (PrinterCallback, ProgressCallback):  # our ProgressLogger prints the one line per interval
         trainer.remove_callback(cb)
     return trainer, _watch_sigterm()
+
+
+def describe_parallelism(trainer: Any) -> None:
+    state = trainer.accelerator.state
+    plugin = getattr(state, "deepspeed_plugin", None)
+    zero = f", DeepSpeed ZeRO stage {plugin.zero_stage}" if plugin is not None else ""
+    log.info("processes: %d (%s, backend %s)%s", state.num_processes, state.distributed_type.value,
+             state.backend, zero)
 
 
 def _watch_sigterm():
@@ -237,6 +247,8 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool):
         deepspeed=deepspeed_config(t),
         dataloader_num_workers=0,
         dataloader_pin_memory=_cuda(),
+        # Without a GPU, say so: accelerate then sets up multi-process CPU (gloo) correctly, DeepSpeed included.
+        use_cpu=not _cuda(),
     )
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from lora_exp.methods import full, head_only, lora
+from lora_exp.methods import full, head_only, lora, qlora
 from lora_exp.spec import RunSpec
 
 
 class Method(Protocol):
+    def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments for the base (e.g. QLoRA's 4-bit quantization config)."""
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         """Freeze/wrap the base model so exactly the method's parameters train."""
 
@@ -26,7 +28,7 @@ class Method(Protocol):
         ``load_base(path)`` a model saved at ``path``."""
 
 
-METHODS: dict[str, Method] = {"lora": lora, "head_only": head_only, "full": full}  # type: ignore[dict-item]
+METHODS: dict[str, Method] = {"lora": lora, "qlora": qlora, "head_only": head_only, "full": full}  # type: ignore[dict-item]
 
 
 def get_method(name: str) -> Method:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
+def load_kwargs(spec: Any) -> dict[str, Any]:
+    return {}  # the base loads as it is
+
+
 def apply(model: Any, spec: Any, task_type: str) -> Any:
     for p in model.parameters():
         p.requires_grad = True

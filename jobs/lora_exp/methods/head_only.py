@@ -16,6 +16,10 @@ def head_parameters(model: Any) -> dict[str, Any]:
     return params
 
 
+def load_kwargs(spec: Any) -> dict[str, Any]:
+    return {}  # the base loads as it is
+
+
 def apply(model: Any, spec: Any, task_type: str) -> Any:
     head = head_parameters(model)
     for name, p in model.named_parameters():

@@ -28,6 +28,10 @@ def target_modules(spec: RunSpec, model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
+def load_kwargs(spec: Any) -> dict[str, Any]:
+    return {}  # the base loads as it is
+
+
 def apply(model: Any, spec: RunSpec, task_type: str) -> Any:
     from peft import LoraConfig, get_peft_model
 

@@ -1,0 +1,284 @@
+"""templates/job.yaml: one Job per run; profile resources; failure policy; security; the command line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_helpers import (
+    PROFILES,
+    VALUES_FILES,
+    cli_argv,
+    container,
+    env_of,
+    jobs,
+    kt,
+    synthetic,
+    torchrun_opts,
+    values_id,
+)
+
+from lora_exp.cli import build_parser
+
+SPEC_MOUNT = "/etc/lora-exp"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_one_job_per_run_named_per_revision(render):
+    objs1 = render(synthetic(), release="exp", revision=1)
+    objs7 = render(synthetic(), release="exp", revision=7)
+    names1 = sorted(j["metadata"]["name"] for j in jobs(objs1))
+    names7 = sorted(j["metadata"]["name"] for j in jobs(objs7))
+    assert names1 == ["exp-lora-exp-baseline-r1", "exp-lora-exp-lora-r8-r1"]
+    assert names7 == ["exp-lora-exp-baseline-r7", "exp-lora-exp-lora-r8-r7"]
+    # The spec ConfigMap is per revision too, and each Job mounts its own revision's.
+    for objs, rev in ((objs1, 1), (objs7, 7)):
+        (cm,) = kt.by_kind(objs, "ConfigMap")
+        assert cm["metadata"]["name"].endswith(f"-spec-r{rev}") and cm["immutable"] is True
+        for j in jobs(objs):
+            vols = {v["name"]: v for v in j["spec"]["template"]["spec"]["volumes"]}
+            assert vols["spec"]["configMap"]["name"] == cm["metadata"]["name"]
+
+
+@pytest.mark.parametrize("path", VALUES_FILES, ids=values_id)
+def test_every_run_of_a_values_file_gets_a_job(path: Path, render):
+    values = kt.values_file(path)
+    objs = render(values, release=path.stem)
+    names = {j["metadata"]["annotations"]["lora-exp.io/run-name"] for j in jobs(objs)}
+    assert names == set(values["experiment"]["runs"])
+    assert len({j["metadata"]["name"] for j in jobs(objs)}) == len(names)
+    for j in jobs(objs):
+        assert len(j["metadata"]["name"]) <= 58  # pod hostnames <job>-<index> stay DNS labels
+
+
+def test_run_selection_and_per_run_profile(render):
+    objs = render(synthetic(profile="a100-80g", job={"runs": ["baseline"], "runProfiles": {"baseline": "t4-16g"}}))
+    (j,) = jobs(objs)
+    assert j["metadata"]["labels"]["lora-exp.io/profile"] == "t4-16g"
+    assert j["metadata"]["labels"]["app.kubernetes.io/component"] == "eval"
+    assert container(j)["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_colliding_job_names_fail(render):
+    import helm_python
+
+    values = synthetic(experiment={"runs": {"a_b": {}, "a.b": {}}})
+    with pytest.raises(helm_python.HelmError, match="both map to the Job name"):
+        kt.render(values)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_resources_and_placement(profile: str, render, chart_values):
+    p = chart_values["profiles"][profile]
+    objs = render(synthetic(profile=profile, job={"nodeSelector": {"pool": "ml"}, "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]}))
+    for j in jobs(objs):
+        pod = j["spec"]["template"]["spec"]
+        c = container(j)
+        res = c["resources"]
+        if p["gpus"]:
+            assert res["limits"]["nvidia.com/gpu"] == p["gpus"] == res["requests"]["nvidia.com/gpu"]
+            assert pod["nodeSelector"]["nvidia.com/gpu.product"] == p["nodeSelector"]["nvidia.com/gpu.product"]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            assert c["image"].endswith("-cuda")
+        else:
+            assert "nvidia.com/gpu" not in res["limits"] and "nvidia.com/gpu" not in res["requests"]
+            assert c["image"].endswith("-cpu")
+        assert res["requests"]["cpu"] == p["resources"]["requests"]["cpu"]
+        assert res["requests"]["memory"] == p["resources"]["requests"]["memory"]
+        assert res["limits"]["memory"] == p["resources"]["limits"]["memory"]
+        # The chart-wide placement is added to the profile's, not replacing it.
+        assert pod["nodeSelector"]["pool"] == "ml"
+        assert any(t.get("key") == "dedicated" for t in pod["tolerations"])
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": p["shmSize"]}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert c["env"][0] == {"name": "LORA_EXP_PROFILE", "value": profile}
+
+
+def test_failure_policy(render):
+    for j in jobs(render(synthetic(job={"backoffLimit": 5, "activeDeadlineSeconds": 600,
+                                        "ttlSecondsAfterFinished": 60}))):
+        spec = j["spec"]
+        assert spec["backoffLimit"] == 5
+        assert spec["activeDeadlineSeconds"] == 600
+        assert spec["ttlSecondsAfterFinished"] == 60
+        assert spec["podReplacementPolicy"] == "Failed"
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        rules = spec["podFailurePolicy"]["rules"]
+        fail = [r for r in rules if r["action"] == "FailJob"]
+        assert fail == [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]
+        # No containerName: the exit code of the validate init container counts as well.
+        ignore = [r for r in rules if r["action"] == "Ignore"]
+        assert ignore == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+        # Time for the SIGTERM handler to save a checkpoint.
+        assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+
+
+def test_optional_deadlines_can_be_turned_off(render):
+    for j in jobs(render(synthetic(job={"activeDeadlineSeconds": 0, "ttlSecondsAfterFinished": 0}))):
+        assert "activeDeadlineSeconds" not in j["spec"] and "ttlSecondsAfterFinished" not in j["spec"]
+
+
+@pytest.mark.parametrize("path", VALUES_FILES, ids=values_id)
+@pytest.mark.parametrize("profile", ["cpu", "a100-80g", "h100-80g-x8", "h100-80g-x8-n2"])
+def test_container_command_parses_with_the_real_cli(path: Path, profile: str, render):
+    values = kt.deep_merge(kt.values_file(path), {"profile": profile})
+    objs = render(values, release=path.stem)
+    (cm,) = kt.by_kind(objs, "ConfigMap")
+    runs = values["experiment"]["runs"]
+    parser = build_parser()
+    for j in jobs(objs):
+        run = j["metadata"]["annotations"]["lora-exp.io/run-name"]
+        main = container(j)
+        args = parser.parse_args(cli_argv(main))
+        assert args.command == j["metadata"]["labels"]["app.kubernetes.io/component"]
+        expected_job = (runs[run] or {}).get("job") or values["experiment"].get("defaults", {}).get("job") or "train"
+        assert args.command == expected_job
+        # The spec file (one per run) is in the ConfigMap and holds exactly this run.
+        assert args.values.startswith(f"{SPEC_MOUNT}/")
+        key = Path(args.values).name
+        assert key in cm["data"]
+        assert list(yaml.safe_load(cm["data"][key])["experiment"]["runs"]) == [run]
+        # --run names it too, except under torchrun (see test_torchrun_parses_the_launcher...).
+        assert args.run == (None if main["args"][0] == "torchrun" else run)
+        assert args.overrides == ["output_root=/outputs"]
+        # The validate init container checks exactly what the main container will run.
+        init = container(j, "validate")
+        vargs = parser.parse_args(cli_argv(init))
+        assert vargs.command == "validate"
+        assert (vargs.values, vargs.run, vargs.overrides) == (args.values, run, args.overrides)
+        # The spec is mounted where the command reads it.
+        mounts = {m["name"]: m for m in main["volumeMounts"]}
+        assert mounts["spec"]["mountPath"] == SPEC_MOUNT and mounts["spec"]["readOnly"] is True
+        assert mounts["outputs"]["mountPath"] == "/outputs"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_launcher_matches_the_profile(profile: str, render, chart_values):
+    p = chart_values["profiles"][profile]
+    for j in jobs(render(synthetic(profile=profile))):
+        c = container(j)
+        opts = torchrun_opts(c)
+        if p["gpus"] <= 1 and p["nodes"] == 1:
+            assert c["args"][0] == "lora-exp"
+        elif p["nodes"] == 1:
+            assert "--standalone" in opts and opts["--nproc-per-node"] == str(p["gpus"]) and opts["--nnodes"] == "1"
+        else:
+            assert opts["--nnodes"] == str(p["nodes"]) and opts["--nproc-per-node"] == str(p["gpus"])
+            assert opts["--rdzv-backend"] == "c10d"
+
+
+def test_restricted_security_context(render):
+    objs = render(synthetic(profile="a100-80g"))
+    for j in jobs(objs):
+        pod = j["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0 and sc["runAsGroup"] > 0
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in pod["containers"] + pod["initContainers"]:
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False
+            assert csc["readOnlyRootFilesystem"] is True
+            assert csc["capabilities"] == {"drop": ["ALL"]}
+            assert csc["runAsNonRoot"] is True
+            # Every path the job writes is a volume (root fs is read-only).
+            paths = {m["mountPath"] for m in c["volumeMounts"]}
+            assert {"/tmp", "/outputs", "/hf-cache"} <= paths
+
+
+def test_env_contract(render):
+    objs = render(synthetic(hf={"existingSecret": "hf"}, airGapped=True,
+                            mlflow={"trackingUri": "https://mlflow.example.com", "tracking": {"existingSecret": "ml"}}))
+    for j in jobs(objs):
+        env = env_of(container(j))
+        assert env["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.example.com"
+        assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "ml", "key": "username"}
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "ml", "key": "password"}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+        assert env["HF_HOME"]["value"] == "/hf-cache"
+        assert env["HF_HUB_OFFLINE"]["value"] == "1"
+        assert env["LORA_EXP_IMAGE"]["value"] == container(j)["image"]
+        assert env["LORA_EXP_PROFILE"]["value"] == "cpu"
+    # Defaults: no secrets referenced, online, tracking into the outputs volume (MLflow 3 refuses new
+    # file:// stores, hence sqlite).
+    for j in jobs(render(synthetic(), release="rel")):
+        env = env_of(container(j))
+        assert env["MLFLOW_TRACKING_URI"]["value"] == "sqlite:////outputs/mlflow.db"
+        assert env["LORA_EXP_RELEASE"]["value"] == "rel"
+        assert not {"HF_TOKEN", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_PASSWORD"} & set(env)
+
+
+def test_image_reference(render):
+    image = {"repository": "reg.example/ml/lora-exp", "digest": "sha256:" + "a" * 64}
+    objs = render(synthetic(profile="t4-16g", image=image))
+    for j in jobs(objs):
+        assert container(j)["image"] == f"reg.example/ml/lora-exp:0.1.0-cuda@sha256:{'a' * 64}"
+    objs = render(synthetic(image={"tag": "v2"}))
+    assert {container(j)["image"] for j in jobs(objs)} == {"lora-exp:v2"}
+
+
+def test_kueue_priority_and_pull_secrets(render):
+    objs = render(synthetic(kueue={"queueName": "team-a", "priorityClass": "wp-high"},
+                            priorityClassName="lora-exp-high", imagePullSecrets=[{"name": "regcred"}]))
+    for j in jobs(objs):
+        labels = j["metadata"]["labels"]
+        assert labels["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert labels["kueue.x-k8s.io/priority-class"] == "wp-high"
+        pod = j["spec"]["template"]["spec"]
+        assert pod["priorityClassName"] == "lora-exp-high"
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    for j in jobs(render(synthetic())):
+        assert not any(k.startswith("kueue.x-k8s.io/") for k in j["metadata"]["labels"])
+
+
+def test_volumes(render):
+    pod = jobs(render(synthetic()))[0]["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["outputs"]["persistentVolumeClaim"]["claimName"] == "lora-exp-outputs"
+    assert vols["hf-cache"]["persistentVolumeClaim"]["claimName"] == "lora-exp-hf-cache"
+    assert "data" not in vols
+    pod = jobs(render(synthetic(persistence={"outputs": {"existingClaim": ""}, "data": {"existingClaim": "d"}})))[0]
+    vols = {v["name"]: v for v in pod["spec"]["template"]["spec"]["volumes"]}
+    assert vols["outputs"] == {"name": "outputs", "emptyDir": {}}
+    assert vols["data"]["persistentVolumeClaim"] == {"claimName": "d", "readOnly": True}
+
+
+def test_labels(render):
+    for j in jobs(render(synthetic(), release="rel")):
+        labels = j["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "lora-exp"
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert re.fullmatch(r"lora-exp-\d+\.\d+\.\d+", labels["helm.sh/chart"])
+        pod_labels = j["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels["lora-exp.io/job"] == j["metadata"]["name"]
+
+
+def test_validate_init_container_can_be_disabled(render):
+    for j in jobs(render(synthetic(job={"validateSpec": False}))):
+        assert "initContainers" not in j["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p.endswith(("-x2", "-x4", "-x8", "-n2", "-n4"))])
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_torchrun_parses_the_launcher_and_passes_the_cli_through(profile: str, backend: str, render):
+    """torchrun's own parser (abbreviations allowed) must neither choke on nor swallow lora-exp's options:
+    e.g. `--run` would be taken as an abbreviation of torchrun's --run-path, hence per-run spec files."""
+    run_mod = pytest.importorskip("torch.distributed.run")
+    parser = run_mod.get_args_parser()
+    for j in jobs(render(synthetic(profile=profile, torchrun={"rdzvBackend": backend}))):
+        c = container(j)
+        assert c["args"][0] == "torchrun"
+        # Kubernetes expands $(NODE_RANK) from the pod's env before exec.
+        args = parser.parse_args([a.replace("$(NODE_RANK)", "1") for a in c["args"][1:]])
+        assert args.module is True and args.training_script == "lora_exp"
+        assert args.training_script_args == cli_argv(c)
+        assert "--run" not in args.training_script_args
+        # The spec file the command reads holds exactly this run, so no --run is needed.
+        assert build_parser().parse_args(args.training_script_args).run is None
