@@ -36,7 +36,7 @@ class SplitReport:
 
 def required_splits(spec: RunSpec, task: Task) -> list[str]:
     splits = list(task.eval_splits)
-    if spec.job == "train":
+    if spec.job in ("train", "distill"):
         splits.insert(0, task.train_split)
     return splits
 
@@ -187,7 +187,7 @@ def subsample(spec: RunSpec, task: Task, raw):
     for split in task.eval_splits:
         ds = raw[split]
         evals[split] = ds.select(range(min(len(ds), d.max_eval_samples))) if d.max_eval_samples else ds
-    if spec.job != "train":
+    if spec.job not in ("train", "distill"):
         return None, None, evals
     train = raw[task.train_split].shuffle(seed=d.seed)
     if d.data_fraction < 1.0:

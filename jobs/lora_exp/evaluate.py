@@ -52,6 +52,8 @@ def resolve_artifact(run: Run, tmp: Path) -> Path | None:
         return path
     if e.mlflow_run_id:
         return download_model(e.mlflow_run_id, tmp)
+    if run.spec.job == "distill":
+        raise UserError(f"run {run.name}: a distill job evaluates its student itself; see {run.output_dir / 'eval'}")
     if run.spec.job == "train":
         own = run.output_dir / FINAL_DIR
         if not own.is_dir():
@@ -93,9 +95,6 @@ def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: An
 
 def evaluate_run(run: Run) -> dict[str, float]:
     """The eval job: load data (checked first), the model, predict each eval split, log a new MLflow run."""
-    import torch
-    from transformers import Trainer, TrainingArguments
-
     from lora_exp.data import load_splits, subsample
     from lora_exp.formulation import build_formulation
     from lora_exp.models import load_tokenizer
@@ -113,16 +112,24 @@ def evaluate_run(run: Run) -> dict[str, float]:
         model, source = load_for_eval(spec, artifact, form, tokenizer, task)
         log.info("evaluating %s on %s (%s)", source, task.name, ", ".join(evals_raw))
         out = run.output_dir / "eval-job"
-        args = TrainingArguments(output_dir=str(Path(tmp) / "trainer"), per_device_eval_batch_size=
-                                 spec.training.per_device_eval_batch_size, report_to="none", disable_tqdm=True,
-                                 dataloader_pin_memory=torch.cuda.is_available())
-        trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=form.collator(),
-                          preprocess_logits_for_metrics=form.preprocess_logits)
+        trainer = prediction_trainer(model, form, tokenizer, spec.training.per_device_eval_batch_size, Path(tmp))
         with mlflow_run(run, "eval") as tracker:
             tracker.set_tags({"eval.source": source})
             metrics = evaluate_splits(trainer, form, evals_raw, out, tracker)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def prediction_trainer(model: Any, form: Any, tokenizer: Any, batch_size: int, tmp: Path) -> Any:
+    """A Trainer used only to predict (eval jobs, teacher logits): batching, devices and gathering for free."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=batch_size, report_to="none",
+                             disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
+                             use_cpu=not torch.cuda.is_available())
+    return Trainer(model=model, args=args, processing_class=tokenizer, data_collator=form.collator(),
+                   preprocess_logits_for_metrics=form.preprocess_logits)
 
 
 def print_summary(results: dict[str, dict[str, float]]) -> None:

@@ -233,10 +233,45 @@ class EvalSpec(_Strict):
         return self
 
 
+class TeacherSpec(_Strict):
+    """The fine-tuned teacher: one of a run of this values file, an artifact path, or an MLflow run."""
+
+    run: str | None = Field(None, description="A train run of this experiment: <output_root>/<experiment>/<run>/final.")
+    model_path: str | None = Field(None, description="A lora-exp artifact directory (adapter, head or full model).")
+    mlflow_run_id: str | None = Field(None, description="The MLflow run whose 'model' artifact is the teacher.")
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherSpec:
+        if sum(x is not None for x in (self.run, self.model_path, self.mlflow_run_id)) != 1:
+            raise ValueError("give exactly one of run, model_path, mlflow_run_id")
+        return self
+
+
+class StudentSpec(_Strict):
+    """The small model trained from the teacher's outputs; it uses the teacher's tokenizer."""
+
+    kind: Literal["rnn", "transformer"] = Field("rnn", description="rnn: seed 004's DistilRNN; transformer: GPT-2.")
+    embedding_dim: int = Field(768, ge=1, description="rnn: token embedding size.")
+    hidden_size: int = Field(768, ge=1, description="rnn: recurrent state size; transformer: model width.")
+    num_layers: int = Field(1, ge=1, description="Recurrent or transformer layers.")
+    num_heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden_size).")
+
+
+class DistillSpec(_Strict):
+    """Knowledge distillation: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+
+    teacher: TeacherSpec
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the distillation term; 0 = no KD (plain CE).")
+    temperature: float = Field(2.0, gt=0.0, description="Softens both distributions (seed 004: 2).")
+
+
 class RunSpec(_Strict):
     """One fully resolved run: what a single Kubernetes Job or local command executes."""
 
-    job: Literal["train", "eval"] = Field("train", description="train: fine-tune then evaluate; eval: evaluate only.")
+    job: Literal["train", "eval", "distill"] = Field(
+        "train", description="train: fine-tune then evaluate; eval: evaluate only; distill: train a student."
+    )
     model: ModelSpec
     task: TaskSpec
     data: DataSpec = Field(default_factory=DataSpec)
@@ -245,12 +280,15 @@ class RunSpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    distill: DistillSpec | None = Field(None, description="distill jobs: teacher, student and loss weights.")
     output_root: str = Field("outputs", description="Checkpoints and results go to <output_root>/<experiment>/<run>.")
 
     @model_validator(mode="after")
     def _coherent(self) -> RunSpec:
         if self.method.name == "head_only" and self.formulation.kind in ("verbalizer", "causal_lm"):
             raise ValueError("method head_only trains a task head: formulation.kind 'verbalizer'/'causal_lm' has none")
+        if (self.job == "distill") != (self.distill is not None):
+            raise ValueError("job 'distill' and the distill section go together")
         if self.task.name == "custom" and not (self.task.text_fields and self.task.labels):
             raise ValueError("task 'custom' needs task.text_fields and task.labels")
         if self.task.name == "custom" and not self.data.data_files and not self.data.hub_path:

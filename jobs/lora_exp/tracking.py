@@ -50,7 +50,7 @@ def run_tags(run: Run, job: str) -> dict[str, str]:
     s = run.spec
     return {
         "task": s.task.name,
-        "method": s.method.name if job == "train" else "none",
+        "method": {"train": s.method.name, "distill": "distill"}.get(job, "none"),
         "model": s.model.name,
         "formulation": s.formulation.kind,
         "job": job,

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Prepared:
     train_ds: Any
     val_ds: Any
     evals_raw: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (e.g. the distillation teacher)
 
 
 def prepare(run: Run) -> Prepared:
@@ -72,11 +73,17 @@ def train(run: Run) -> dict[str, float]:
         log.info("run %s already finished (%s); delete %s to run it again", run.name, out / METRICS_FILE, out)
         return json.loads((out / METRICS_FILE).read_text())
 
-    p = prepare(run)
+    if spec.job == "distill":
+        from lora_exp.distill import prepare_distill
+
+        p = prepare_distill(run)
+    else:
+        p = prepare(run)
     trainable, total = count_parameters(p.model)
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
     out.mkdir(parents=True, exist_ok=True)
-    with mlflow_run(run, "train", state_dir=out) as tracker:
+    with mlflow_run(run, spec.job, state_dir=out) as tracker:
+        tracker.set_tags(p.tags)
         tracker.log_metrics({"trainable_params": trainable, "total_params": total,
                              "trainable_share": trainable / total})
         trainer, preempted = build_trainer(spec, p.model, p.form, p.tokenizer, out, p.train_ds, p.val_ds, tracker)
