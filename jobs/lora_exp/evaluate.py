@@ -68,8 +68,11 @@ def build_kind(spec: RunSpec, task: Any) -> str:
     return require_formulation(spec, task.name, task.formulations)
 
 
-def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: Any, task: Any) -> tuple[Any, str]:
-    """The base model (baseline) or the trained model an artifact describes, and a label for logs/tags."""
+def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: Any, task: Any,
+                  quantized: bool = True) -> tuple[Any, str]:
+    """The base model (baseline) or the trained model an artifact describes, and a label for logs/tags.
+
+    ``quantized=False`` loads a QLoRA artifact's base unquantized (to merge the adapter into it)."""
     from lora_exp.methods import get_method
     from lora_exp.models import load_model
 
@@ -89,7 +92,8 @@ def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: An
     if trained_labels != getattr(task, "labels", ()):
         raise UserError(f"{artifact}: trained for labels {trained_labels}, evaluating {getattr(task, 'labels', ())}")
     method = get_method(trained.method.name)
-    model = method.load(lambda p: load_base(p, trained, method.load_kwargs(trained)), str(artifact))
+    extra = method.load_kwargs(trained) if quantized else {}
+    model = method.load(lambda p: load_base(p, trained, extra), str(artifact))
     return model, f"{trained.method.name}:{artifact}"
 
 

@@ -28,10 +28,13 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """The given URI, then $MLFLOW_TRACKING_URI, then an embedded local store in the working directory."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
 def tracking_uri(run: Run) -> str:
-    """Spec, then $MLFLOW_TRACKING_URI, then an embedded local store in the working directory."""
-    uri = run.spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return resolve_tracking_uri(run.spec.tracking.tracking_uri)
 
 
 def git_commit() -> str:

@@ -1,0 +1,66 @@
+"""`lora-exp export` (merge an adapter into its base) and `lora-exp generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import experiment, run_cli, write_values
+from lora_exp.spec import resolve_runs
+from lora_exp.train import train
+
+
+@pytest.mark.parametrize(("formulation", "auto_class"), [("classifier", "AutoModelForSequenceClassification"),
+                                                         ("verbalizer", "AutoModelForCausalLM")])
+def test_export_then_reload_gives_the_same_logits_as_base_plus_adapter(formulation, auto_class, tmp_path,
+                                                                        tiny_gpt2, toy_data):
+    import transformers
+    from peft import PeftModel
+
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, formulation={"kind": formulation},
+                                               runs={"lora": {"method": {"name": "lora", "r": 4}}}))
+    (run,) = resolve_runs(values)
+    train(run)
+    adapter = run.output_dir / "final"
+    out = tmp_path / "merged"
+    proc = run_cli("export", "--model-path", str(adapter), "--out", str(out), "--log-mlflow",
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert yaml.safe_load((out / "lora_exp_run.yaml").read_text())["spec"]["method"] == {"name": "full"}
+
+    cls = getattr(transformers, auto_class)
+    kwargs = {"num_labels": 2, "pad_token_id": 0} if formulation == "classifier" else {}
+    reference = PeftModel.from_pretrained(cls.from_pretrained(tiny_gpt2, **kwargs), adapter).eval()
+    merged = cls.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 17, 42, 9, 33, 2]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+
+    from conftest import mlflow_client
+
+    client = mlflow_client(tmp_path)
+    run_id = client.search_runs([client.get_experiment_by_name("toy").experiment_id])[0].info.run_id
+    assert "model.safetensors" in {f.path.split("/")[-1] for f in client.list_artifacts(run_id, "merged_model")}
+
+    # The exported model evaluates as a full model through the eval job.
+    values2 = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, formulation={"kind": formulation},
+                                                runs={"merged": {"job": "eval", "eval": {"model_path": str(out)}}}),
+                           name="eval.yaml")
+    proc = run_cli("eval", "-f", str(values2), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_generate_from_base_and_adapter(tmp_path, tiny_gpt2, toy_data):
+    proc = run_cli("generate", "--model", str(tiny_gpt2), "--prompt", "the movie was", "--max-new-tokens", "5",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--- prompt: 'the movie was'" in proc.stdout
+
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={"head": {
+        "method": {"name": "head_only"}, "training": {"max_steps": 2}}}))
+    (run,) = resolve_runs(values)
+    train(run)
+    proc = run_cli("generate", "--model-path", str(run.output_dir / "final"), "--prompt", "x", cwd=tmp_path)
+    assert proc.returncode == 2 and "no language-model head" in proc.stdout
