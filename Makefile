@@ -17,6 +17,7 @@ help:
 	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU"
 	@echo "make test   - set up and run the test suite (what CI runs)"
 	@echo "make lint   - ruff"
+	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
 # METEOR's WordNet, from Debian (nltk would download it). Needs root or sudo; elsewhere install by hand.
 WORDNET := /usr/share/wordnet/index.sense
@@ -47,7 +48,8 @@ demo: setup model
 	$(LORA_EXP) run -f values/demo.yaml
 	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
-test: setup model lint
+# lint, the manifest security scan and hadolint (mk/k8s.mk), then every test.
+test: setup model lint k8s-scan k8s-lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

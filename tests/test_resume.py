@@ -50,7 +50,7 @@ def _checkpoints(out: Path) -> list[int]:
 
 
 def test_sigterm_checkpoints_and_rerun_resumes_in_same_mlflow_run(tmp_path, tiny_gpt2, toy_data):
-    max_steps = 2000
+    max_steps = 1200
     values = _values(tmp_path, tiny_gpt2, toy_data, max_steps=max_steps, save_steps=100000)
     out = tmp_path / "outputs" / "toy" / "lora"
     proc = _start(values, tmp_path)

@@ -21,10 +21,12 @@ HELP = "merge a LoRA adapter into its base model and save a standalone model"
 log = logging.getLogger(__name__)
 
 
-def add_source_arguments(p: argparse.ArgumentParser) -> None:
+def add_source_arguments(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--model-path | --mlflow-run-id: a lora-exp artifact (shared with `generate`)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="a lora-exp artifact dir (e.g. outputs/<experiment>/<run>/final)")
     src.add_argument("--mlflow-run-id", help="the MLflow run whose 'model' artifact to use")
+    return src
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,10 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a base model: hub id or local dir")
-    src.add_argument("--model-path", help="a lora-exp artifact dir trained with a causal-LM formulation")
-    src.add_argument("--mlflow-run-id", help="the MLflow run whose 'model' artifact to use")
+    from lora_exp.export import add_source_arguments
+
+    add_source_arguments(p).add_argument("--model", help="a base model: hub id or local dir")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")

@@ -14,7 +14,6 @@ coalescing and values.schema.json validation as `helm template`, with no helm bi
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lora_exp.spec import deep_merge as spec_deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts"
@@ -56,15 +57,8 @@ def values_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return helm_python.values_from_yaml(Path(path).read_text())
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Merge like successive `-f`/`--set` layers (maps merge, everything else replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+# Helm merges successive `-f`/`--set` layers the way the spec merges runs: maps merge, the rest replaces.
+deep_merge = spec_deep_merge
 
 
 def render_raw(values: dict[str, Any], *, release: str = "lora-exp", revision: int = 1) -> dict[str, str]:
