@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 .PHONY: setup model demo test lint fmt clean help
 
 help:
-	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU"
+	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU,"
+	@echo "              then the comparison report"
 	@echo "make test   - set up and run the test suite (what CI runs)"
 	@echo "make lint   - ruff"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
@@ -46,6 +47,8 @@ model: $(MODEL_DIR)/config.json
 
 demo: setup model
 	$(LORA_EXP) run -f values/demo.yaml
+	$(LORA_EXP) compare -f values/demo.yaml --out outputs/demo-tickets/comparison
+	@echo "Report: outputs/demo-tickets/comparison/report.md (also the 'comparison' run in MLflow)"
 	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 # lint, the manifest security scan and hadolint (mk/k8s.mk), then every test.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from support import ROOT, run_cli
 
 
 @pytest.mark.slow

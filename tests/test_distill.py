@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import experiment, mlflow_client, run_cli, write_values
 from lora_exp.students import DistilRNN, KDStudent, kd_loss
+from support import experiment, mlflow_client, run_cli, write_values
 
 
 def test_kd_loss_matches_formula_and_its_gradient_depends_on_the_teacher():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import experiment, mlflow_client, write_values
+from support import experiment, mlflow_client, write_values
 
 pytest.importorskip("deepspeed")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import experiment, run_cli, write_values
 from lora_exp.spec import resolve_runs
 from lora_exp.train import train
+from support import experiment, run_cli, write_values
 
 
 @pytest.mark.parametrize(("formulation", "auto_class"), [("classifier", "AutoModelForSequenceClassification"),
@@ -38,7 +38,7 @@ def test_export_then_reload_gives_the_same_logits_as_base_plus_adapter(formulati
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
 
-    from conftest import mlflow_client
+    from support import mlflow_client
 
     client = mlflow_client(tmp_path)
     run_id = client.search_runs([client.get_experiment_by_name("toy").experiment_id])[0].info.run_id

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import experiment, run_cli, write_values
+from support import experiment, run_cli, write_values
 
 
 def _free_port() -> int:

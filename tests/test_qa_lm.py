@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_client, run_cli, write_jsonl, write_values
 from lora_exp.tasks.squad_v2 import compute_exact, compute_f1, normalize_answer, squad_v2_metrics
 from lora_exp.textmetrics import LEXNAMES, generation_metrics
+from support import mlflow_client, run_cli, write_jsonl, write_values
 
 
 def test_squad_v2_metrics_match_official_definitions_on_hand_worked_examples():

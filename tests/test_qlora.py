@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import experiment, mlflow_client, write_values
 from lora_exp.spec import resolve_runs
 from lora_exp.tracking import Tracker
 from lora_exp.train import build_trainer, prepare
+from support import experiment, mlflow_client, write_values
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -37,7 +37,7 @@ def test_qlora_trains_lora_over_4bit_base(tmp_path, tiny_llama, toy_data):
 
 
 def test_qlora_end_to_end_artifact_is_adapter_only(tmp_path, tiny_gpt2, toy_data):
-    from conftest import run_cli
+    from support import run_cli
 
     values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={"qlora": {
         "method": {"name": "qlora", "r": 2, "target_modules": ["c_attn"]}}}))

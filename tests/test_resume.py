@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import experiment, mlflow_client, run_cli, write_values
 from lora_exp.errors import PREEMPTED
+from support import experiment, mlflow_client, run_cli, write_values
 
 
 def _start(values: Path, cwd: Path) -> subprocess.Popen:
@@ -50,7 +50,7 @@ def _checkpoints(out: Path) -> list[int]:
 
 
 def test_sigterm_checkpoints_and_rerun_resumes_in_same_mlflow_run(tmp_path, tiny_gpt2, toy_data):
-    max_steps = 1200
+    max_steps = 600  # long enough to still be training 3 s after SIGTERM (the JIT grace period)
     values = _values(tmp_path, tiny_gpt2, toy_data, max_steps=max_steps, save_steps=100000)
     out = tmp_path / "outputs" / "toy" / "lora"
     proc = _start(values, tmp_path)
@@ -90,7 +90,7 @@ def _progress_started(tmp_path: Path) -> bool:
 
 @pytest.mark.parametrize("save_steps", [40])
 def test_hard_kill_resumes_from_last_periodic_checkpoint(tmp_path, tiny_gpt2, toy_data, save_steps):
-    values = _values(tmp_path, tiny_gpt2, toy_data, max_steps=600, save_steps=save_steps)
+    values = _values(tmp_path, tiny_gpt2, toy_data, max_steps=300, save_steps=save_steps)
     out = tmp_path / "outputs" / "toy" / "lora"
     proc = _start(values, tmp_path)
     _wait_for(lambda: save_steps in _checkpoints(out), proc)

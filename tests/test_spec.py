@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, experiment, write_values
 from lora_exp.cli import main
 from lora_exp.errors import USER_ERROR, SpecError
 from lora_exp.spec import RunSpec, deep_merge, json_schema, parse_set, resolve_runs
+from support import ROOT, experiment, write_values
 
 VALUES = sorted((ROOT / "values").glob("*.yaml"))
 

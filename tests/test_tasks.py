@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import write_jsonl
 from lora_exp.data import load_splits, subsample
 from lora_exp.formulation import build_formulation
 from lora_exp.metrics import classification_metrics
 from lora_exp.spec import RunSpec
 from lora_exp.tasks import REGISTRY, get_task
+from support import write_jsonl
 
 WORDS = ["the", "movie", "was", "great", "plot", "boring", "story", "fun"]
 

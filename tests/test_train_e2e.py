@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import experiment, mlflow_client, run_cli, write_values
 from lora_exp.spec import resolve_runs
 from lora_exp.train import train
+from support import experiment, mlflow_client, run_cli, write_values
 
 
 def _runs_by_name(tmp: Path) -> dict:

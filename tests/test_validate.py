@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import experiment, toy_rows, write_jsonl, write_values
 from lora_exp.errors import USER_ERROR
+from support import experiment, toy_rows, write_jsonl, write_values
 
 # Runs validate in a fresh interpreter and proves no model code was imported (so no weights were loaded).
 PROBE = """
@@ -95,7 +95,7 @@ def test_labels_may_be_indices_and_template_fields_are_checked(tmp_path, tiny_gp
 
 def test_bad_input_leaves_nothing_written(tmp_path, tiny_gpt2, toy_data):
     """A data error stops `train` before it creates an output dir or an MLflow run."""
-    from conftest import run_cli
+    from support import run_cli
 
     rows = toy_rows(8)
     rows[2]["label"] = "maybe"

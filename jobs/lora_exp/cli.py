@@ -31,7 +31,13 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 
 # Commands that live in their own module: each has HELP, add_arguments(parser) and main(args) -> exit code,
 # and imports its heavy libraries inside main().
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "compare": "lora_exp.compare",
+    "sanity": "lora_exp.sanity",
+    "status": "lora_exp.status",
+    "generate": "lora_exp.generate",
+    "export": "lora_exp.export",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in [
         ("train", "fine-tune the train runs, then evaluate them"),
         ("eval", "evaluate: a base model (baseline), a trained artifact, or an MLflow run's model"),
+        ("distill", "train the distill runs' students from their teacher (with and without KD)"),
         ("run", "run each run as its spec says (job: train or eval) and print a summary table"),
         ("validate", "check the spec and local data files without loading any model"),
     ]:
@@ -61,20 +68,30 @@ def cmd_validate(runs: list[Run]) -> int:
 
     for run in runs:
         report = validate_data(run.spec)
-        what = f"train {run.spec.method.name}" if run.spec.job == "train" else "eval"
+        what = {"train": f"train {run.spec.method.name}", "distill": "distill"}.get(run.spec.job, "eval")
         log.info("run %s: spec ok (%s, task %s); %s", run.name, what, run.spec.task.name, report)
     return errors.OK
 
 
-def cmd_train(runs: list[Run]) -> int:
-    from lora_exp.train import train
+def _train_jobs(job: str) -> Callable[[list[Run]], int]:
+    """`train` and `distill` run the runs of their job through the one training path; others are skipped."""
 
-    for run in runs:
-        if run.spec.job != "train":
-            log.info("run %s: job is %r, skipped by 'train' (use 'lora-exp eval' or 'run')", run.name, run.spec.job)
-            continue
-        train(run)
-    return errors.OK
+    def command(runs: list[Run]) -> int:
+        from lora_exp.train import train
+
+        for run in runs:
+            if run.spec.job != job:
+                log.info("run %s: job is %r, skipped by '%s' (use 'lora-exp %s' or 'run')", run.name, run.spec.job,
+                         job, run.spec.job)
+                continue
+            train(run)
+        return errors.OK
+
+    return command
+
+
+cmd_train = _train_jobs("train")
+cmd_distill = _train_jobs("distill")
 
 
 def cmd_eval(runs: list[Run]) -> int:
@@ -91,7 +108,7 @@ def cmd_run(runs: list[Run]) -> int:
 
     results = {}
     for run in runs:
-        results[run.name] = train(run) if run.spec.job == "train" else evaluate_run(run)
+        results[run.name] = evaluate_run(run) if run.spec.job == "eval" else train(run)
     print_summary(results)
     return errors.OK
 
@@ -99,6 +116,7 @@ def cmd_run(runs: list[Run]) -> int:
 COMMANDS: dict[str, Callable[[list[Run]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "distill": cmd_distill,
     "run": cmd_run,
     "validate": cmd_validate,
 }

@@ -69,7 +69,7 @@ def prepare_distill(run: Run):
     from lora_exp.models import load_tokenizer
     from lora_exp.students import KDStudent, build_student
     from lora_exp.tasks import get_task
-    from lora_exp.train import Prepared
+    from lora_exp.train import Prepared, seed_everything
 
     spec = run.spec
     d = spec.distill
@@ -87,6 +87,7 @@ def prepare_distill(run: Run):
         if d.alpha > 0:
             logits = teacher_logits(run, teacher_dir, task, train_raw, tokenizer, Path(tmp))
             train_ds = train_ds.add_column("teacher_logits", logits.tolist())
+    seed_everything(spec.training.seed)  # the student initialises from the run's seed
     student = build_student(spec, len(tokenizer), task.num_labels, tokenizer.pad_token_id)
     model = KDStudent(student, d.alpha, d.temperature)
     tags = {"kd": str(d.alpha > 0).lower(), "distill.teacher_run_id": teacher_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 OK = 0
 INTERNAL = 1  # a bug or an infrastructure fault: worth a retry
 USER_ERROR = 2  # bad spec, data or arguments: fix the input, retrying will not help
+SANITY_FAILED = 3  # `lora-exp sanity`: a check failed (retrying will not help either)
 PREEMPTED = 143  # SIGTERM (128 + 15): checkpoint saved, the next attempt resumes
 
 

@@ -70,8 +70,8 @@ def _figure(panels: int, panel: tuple[float, float], max_cols: int, title: str |
     return fig, axes
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, titled: bool) -> Path:
+    fig.tight_layout(rect=(0, 0, 1, 0.94) if titled else None)  # keep the title clear of the panels
     fig.savefig(path, dpi=DPI)  # never bbox_inches="tight": the pixel size must stay figure_size()
     return path
 
@@ -96,7 +96,7 @@ def bar_chart(panels: Sequence[Bars], path: Path, title: str | None = None) -> P
         ax.set_title(p.title, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
         ax.margins(y=0.15)
-    return _save(fig, path)
+    return _save(fig, path, bool(title))
 
 
 def line_chart(panels: Sequence[Lines], path: Path, title: str | None = None) -> Path:
@@ -114,7 +114,7 @@ def line_chart(panels: Sequence[Lines], path: Path, title: str | None = None) ->
         ax.grid(alpha=0.3)
         if p.series:
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(fig, path, bool(title))
 
 
 def image_row(images: Sequence[tuple[str, Path]], path: Path, title: str | None = None,
@@ -127,4 +127,4 @@ def image_row(images: Sequence[tuple[str, Path]], path: Path, title: str | None 
         ax.imshow(imread(image))
         ax.set_title(caption, fontsize=9)
         ax.axis("off")
-    return _save(fig, path)
+    return _save(fig, path, bool(title))

@@ -12,16 +12,15 @@ Imports no ML library at module level; ``mlflow`` is imported by the functions t
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lora_exp.errors import UserError
 from lora_exp.spec import Run, resolve_runs
 
-RESULT_JOBS = ("train", "eval")  # jobs whose runs hold results; compare/sanity runs are never selected
+TRAINING_JOBS = ("train", "distill")  # jobs that train (loss curves, trainable parameters, an artifact)
+RESULT_JOBS = (*TRAINING_JOBS, "eval")  # jobs whose runs hold results; compare/sanity runs are never selected
 BASELINE_SOURCE = "base"  # eval.source of an eval job that scored the untouched base model
 
 
@@ -96,6 +95,10 @@ class RunInfo:
         return self.tags.get("model", "")
 
     @property
+    def trained(self) -> bool:
+        return self.job in TRAINING_JOBS
+
+    @property
     def is_baseline(self) -> bool:
         """An eval job of the base model as is: what fine-tuning is measured against."""
         return self.job == "eval" and self.tags.get("eval.source") == BASELINE_SOURCE
@@ -130,20 +133,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the local store the jobs write by default (see ``tracking.tracking_uri``)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """$MLFLOW_TRACKING_URI, else the local store the jobs write by default."""
+    from lora_exp.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri()
 
 
 def from_args(args: argparse.Namespace) -> tuple[str, Selection, list[Run]]:
     """Tracking URI, selection and, with ``-f``, the values file's resolved runs (status lists unstarted ones)."""
     from lora_exp.tracking import tracking_uri
 
-    if args.runs and not args.values:
-        raise UserError("--run selects a run key of a values file: give the file with -f")
-    values_runs: list[Run] = []
-    for name in args.runs or [None]:
-        if args.values:
-            values_runs += resolve_runs(args.values, name, args.overrides)
+    if (args.runs or args.overrides) and not args.values:
+        raise UserError("--run and --set apply to a values file: give the file with -f")
+    values_runs: list[Run] = [run for name in args.runs or [None] for run in
+                              resolve_runs(args.values, name, args.overrides)] if args.values else []
     experiments = list(dict.fromkeys([*args.experiments, *(r.experiment_name for r in values_runs)]))
     sel = Selection(
         experiments=tuple(experiments),

@@ -52,6 +52,7 @@ def prepare(run: Run) -> Prepared:
     spec = run.spec
     task = get_task(spec)
     train_raw, val_raw, evals_raw = subsample(spec, task, load_splits(spec, task))
+    seed_everything(spec.training.seed)  # new heads and LoRA matrices initialise from this seed
     log.info("run %s: %s on %s, %d train / %d in-training eval rows", run.name, spec.method.name, task.name,
              len(train_raw), len(val_raw))
     tokenizer = load_tokenizer(spec.model)
@@ -61,6 +62,12 @@ def prepare(run: Run) -> Prepared:
                        **method.load_kwargs(spec))
     model = method.apply(model, spec, form.peft_task_type)
     return Prepared(task, tokenizer, form, method, model, form.tokenize(train_raw), form.tokenize(val_raw), evals_raw)
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def train(run: Run) -> dict[str, float]:

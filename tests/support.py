@@ -1,0 +1,100 @@
+"""Helpers shared by the tests (data, values files, subprocess CLI, MLflow client).
+
+Kept out of conftest.py: tests/k8s has a conftest of its own, and two modules named ``conftest`` shadow
+each other when a test imports from one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_DIR = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+
+POS = ["great", "wonderful", "fun", "brilliant", "lovely", "superb", "moving", "clever"]
+NEG = ["awful", "boring", "dull", "terrible", "poor", "weak", "messy", "bland"]
+NOUNS = ["movie", "film", "plot", "cast", "story", "ending", "script", "show"]
+
+
+def toy_rows(n: int, seed: int = 0, label_key: str = "label", text_key: str = "text") -> list[dict[str, Any]]:
+    """Sentiment rows whose label is decided by one word: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        pos = i % 2 == 0
+        word = rng.choice(POS if pos else NEG)
+        rows.append({text_key: f"the {rng.choice(NOUNS)} was {word} and {rng.choice(NOUNS)}",
+                     label_key: "pos" if pos else "neg"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def save_tiny_model(kind: str, tok_dir: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def experiment(model: Path, data: dict[str, str], tmp: Path, runs: dict[str, Any] | None = None,
+               **defaults: Any) -> dict[str, Any]:
+    """A values-file document for a custom toy task on a tiny model, writing only under ``tmp``."""
+    base = {
+        "model": {"name": str(model), "max_length": 32},
+        "task": {"name": "custom", "text_fields": ["text"], "labels": ["neg", "pos"]},
+        "data": {"data_files": data},
+        "training": {"epochs": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
+                     "logging_steps": 2, "eval_strategy": "epoch", "save_strategy": "epoch"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "output_root": str(tmp / "outputs"),
+    }
+    for key, value in defaults.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"experiment": {"name": "toy", "defaults": base, "runs": runs or {"lora": {}}}}
+
+
+def write_values(tmp: Path, doc: dict[str, Any], name: str = "values.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m lora_exp`` as a separate process, as a container would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lora_exp", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_client(tmp: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
