@@ -20,14 +20,15 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
-# METEOR's WordNet, from Debian (nltk would download it). Needs root or sudo; elsewhere install by hand.
+# METEOR's WordNet, from Debian (nltk would download it); the tests need it, the demo does not.
+# Needs root; elsewhere install it by hand.
 WORDNET := /usr/share/wordnet/index.sense
 $(WORDNET):
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index; \
 	else echo "METEOR needs WordNet: sudo apt-get install wordnet-base wordnet-sense-index" >&2; exit 1; fi
 
-$(VENV)/.installed: pyproject.toml | $(WORDNET)
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
@@ -52,7 +53,7 @@ demo: setup model
 	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 # lint, the manifest security scan and hadolint (mk/k8s.mk), then every test.
-test: setup model lint k8s-scan k8s-lint
+test: setup model $(WORDNET) lint k8s-scan k8s-lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
