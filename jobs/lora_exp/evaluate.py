@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lora_exp.errors import UserError
 from lora_exp.spec import Run, RunSpec
 
@@ -41,17 +39,12 @@ def evaluate_splits(trainer: Any, form: Any, evals_raw: dict[str, Any], out_dir:
 def resolve_artifact(run: Run, tmp: Path) -> Path | None:
     """Where the model to evaluate lives: eval.model_path, eval.mlflow_run_id, this train run's own
     artifact, or None for the base model (the baseline)."""
-    from lora_exp.tracking import download_model
+    from lora_exp.tracking import locate_artifact
     from lora_exp.train import FINAL_DIR
 
     e = run.spec.eval
-    if e.model_path:
-        path = Path(e.model_path)
-        if not (path / "lora_exp_run.yaml").is_file():
-            raise UserError(f"eval.model_path: {path} is not a lora-exp artifact (no lora_exp_run.yaml)")
-        return path
-    if e.mlflow_run_id:
-        return download_model(e.mlflow_run_id, tmp)
+    if e.model_path or e.mlflow_run_id:
+        return locate_artifact(e.model_path, e.mlflow_run_id, tmp)
     if run.spec.job == "distill":
         raise UserError(f"run {run.name}: a distill job evaluates its student itself; see {run.output_dir / 'eval'}")
     if run.spec.job == "train":
@@ -75,6 +68,7 @@ def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: An
     ``quantized=False`` loads a QLoRA artifact's base unquantized (to merge the adapter into it)."""
     from lora_exp.methods import get_method
     from lora_exp.models import load_model
+    from lora_exp.tracking import read_spec
 
     def load_base(path: str | None, run_spec: RunSpec = spec, extra: dict | None = None) -> Any:
         labels = getattr(task, "labels", ())
@@ -82,7 +76,7 @@ def load_for_eval(spec: RunSpec, artifact: Path | None, form: Any, tokenizer: An
 
     if artifact is None:
         return load_base(None), "base"
-    trained = RunSpec.model_validate(yaml.safe_load((artifact / "lora_exp_run.yaml").read_text())["spec"])
+    trained = read_spec(artifact)
     trained_kind = build_kind(trained, task)
     if trained_kind != form.kind:
         raise UserError(f"{artifact}: trained with formulation {trained_kind!r}, but this eval uses {form.kind!r}")

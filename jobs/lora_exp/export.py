@@ -12,10 +12,12 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from lora_exp import errors
+from lora_exp.spec import RunSpec
 
 HELP = "merge a LoRA adapter into its base model and save a standalone model"
 log = logging.getLogger(__name__)
@@ -37,48 +39,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
 
-def load_artifact(model_path: str | None, mlflow_run_id: str | None, tmp: Path, quantized: bool = True):
-    """(model, tokenizer, trained spec, artifact dir) for a lora-exp artifact.
+def load_artifact(artifact: Path, trained: RunSpec, quantized: bool = True) -> tuple[Any, Any]:
+    """(model, tokenizer) for a lora-exp artifact and the spec it was trained with.
 
     ``quantized=False`` loads a QLoRA adapter over the unquantized base, so that it can be merged.
     """
     from lora_exp.evaluate import load_for_eval
     from lora_exp.formulation import build_formulation
     from lora_exp.models import load_tokenizer
-    from lora_exp.spec import RunSpec
     from lora_exp.tasks import get_task
-    from lora_exp.tracking import download_model
 
-    artifact = Path(model_path) if model_path else download_model(mlflow_run_id, tmp)
-    if not (artifact / "lora_exp_run.yaml").is_file():
-        raise errors.UserError(f"{artifact}: not a lora-exp artifact (no lora_exp_run.yaml)")
-    trained = RunSpec.model_validate(yaml.safe_load((artifact / "lora_exp_run.yaml").read_text())["spec"])
     tokenizer = load_tokenizer(trained.model)
     task = get_task(trained)
     form = build_formulation(trained, task, tokenizer)
     model, _ = load_for_eval(trained, artifact, form, tokenizer, task, quantized=quantized)
-    return model, tokenizer, trained, artifact
+    return model, tokenizer
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise errors.UserError(f"--out {out}: already exists; choose a new directory")
+    from lora_exp.tracking import SPEC_FILE, locate_artifact, read_spec
+
     with tempfile.TemporaryDirectory(prefix="lora-exp-export-") as tmp:
-        model, tokenizer, trained, artifact = load_artifact(args.model_path, args.mlflow_run_id, Path(tmp),
-                                                            quantized=False)
+        artifact = locate_artifact(args.model_path, args.mlflow_run_id, Path(tmp))
+        trained = read_spec(artifact)
         if trained.method.name not in ("lora", "qlora"):
             raise errors.UserError(f"{artifact}: method {trained.method.name!r} has no adapter to merge; "
                                    "the artifact is already standalone")
+        model, tokenizer = load_artifact(artifact, trained, quantized=False)
         merged = model.merge_and_unload()
         staging = out.with_name(out.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        doc = yaml.safe_load((artifact / "lora_exp_run.yaml").read_text())
+        doc = yaml.safe_load((artifact / SPEC_FILE).read_text())
         doc["spec"]["method"] = {"name": "full"}
         doc["exported_from"] = {"method": trained.method.name, "model": trained.model.name}
-        (staging / "lora_exp_run.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        (staging / SPEC_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))
         staging.rename(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     log.info("merged %s adapter into %s: %s (%.1f MB)", trained.method.name, trained.model.name, out, size)

@@ -27,9 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from lora_exp.evaluate import build_kind
     from lora_exp.export import load_artifact
     from lora_exp.models import load_model, load_tokenizer
     from lora_exp.spec import ModelSpec
+    from lora_exp.tasks import get_task
+    from lora_exp.tracking import locate_artifact, read_spec
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="lora-exp-generate-") as tmp:
@@ -39,11 +42,13 @@ def main(args: argparse.Namespace) -> int:
             model = load_model(spec, "AutoModelForCausalLM", tokenizer, ())
             source = args.model
         else:
-            model, tokenizer, trained, artifact = load_artifact(args.model_path, args.mlflow_run_id, Path(tmp))
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            if not type(base).__name__.endswith("ForCausalLM"):
-                raise errors.UserError(f"{artifact}: a {type(model).__name__} has no language-model head to "
-                                       "generate with (train with formulation verbalizer or causal_lm)")
+            artifact = locate_artifact(args.model_path, args.mlflow_run_id, Path(tmp))
+            trained = read_spec(artifact)
+            kind = build_kind(trained, get_task(trained))
+            if kind not in ("verbalizer", "causal_lm"):  # checked before any weights load
+                raise errors.UserError(f"{artifact}: a {kind} model has no language-model head to generate with "
+                                       "(train with formulation verbalizer or causal_lm)")
+            model, tokenizer = load_artifact(artifact, trained)
             source = f"{trained.model.name} + {trained.method.name} ({artifact})"
     model.eval()
     log.info("generating with %s", source)

@@ -17,11 +17,12 @@ from typing import Any
 
 import yaml
 
-from lora_exp.spec import Run, flatten
+from lora_exp.spec import Run, RunSpec, flatten
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run.json"
+SPEC_FILE = "lora_exp_run.yaml"  # the resolved spec, inside every model artifact
 
 
 def is_rank_zero() -> bool:
@@ -178,15 +179,32 @@ def _param(k: str, v: Any):
 
 
 def write_spec(run: Run, path: Path) -> Path:
-    """The resolved spec travels with every artifact (``lora_exp_run.yaml``)."""
+    """The resolved spec travels with every artifact (``SPEC_FILE``)."""
     doc = {"experiment": run.experiment, "run": run.name, "source": run.source,
            "spec": run.spec.model_dump(mode="json")}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
+def read_spec(artifact: Path) -> RunSpec:
+    """The spec a model artifact was trained with; a dir without one is not a lora-exp artifact."""
+    from lora_exp.errors import UserError
+
+    path = artifact / SPEC_FILE
+    if not path.is_file():
+        raise UserError(f"{artifact}: not a lora-exp artifact (no {SPEC_FILE})")
+    return RunSpec.model_validate(yaml.safe_load(path.read_text())["spec"])
+
+
+def locate_artifact(model_path: str | None, mlflow_run_id: str | None, tmp: Path) -> Path:
+    """A model artifact given as a local dir or as an MLflow run (its ``model`` artifact, fetched into ``tmp``)."""
+    artifact = Path(model_path) if model_path else download_model(mlflow_run_id, tmp)
+    read_spec(artifact)  # fail here, naming the dir, rather than deep inside model loading
+    return artifact
+
+
 def download_model(run_id: str, dest: Path) -> Path:
-    """Fetch the ``model`` artifact of an MLflow run (for ``eval.mlflow_run_id`` and distillation teachers)."""
+    """Fetch the ``model`` artifact of an MLflow run."""
     from mlflow.artifacts import download_artifacts
 
     from lora_exp.errors import UserError
@@ -194,4 +212,4 @@ def download_model(run_id: str, dest: Path) -> Path:
     try:
         return Path(download_artifacts(run_id=run_id, artifact_path="model", dst_path=str(dest)))
     except Exception as e:
-        raise UserError(f"eval.mlflow_run_id: run {run_id!r} has no downloadable 'model' artifact: {e}") from None
+        raise UserError(f"MLflow run {run_id!r} has no downloadable 'model' artifact: {e}") from None

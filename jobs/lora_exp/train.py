@@ -109,7 +109,7 @@ def train(run: Run) -> dict[str, float]:
 
 def save_artifact(run: Run, trainer: Any, method: Any, tracker: Any) -> Path:
     """Write ``<out>/final`` atomically (all ranks take part: ZeRO-3 gathers shards) and log it as ``model``."""
-    from lora_exp.tracking import write_spec
+    from lora_exp.tracking import SPEC_FILE, write_spec
 
     out = run.output_dir
     final, tmp = out / FINAL_DIR, out / (FINAL_DIR + ".tmp")
@@ -118,7 +118,7 @@ def save_artifact(run: Run, trainer: Any, method: Any, tracker: Any) -> Path:
     trainer.accelerator.wait_for_everyone()
     method.save(trainer, str(tmp))
     if trainer.is_world_process_zero():
-        write_spec(run, tmp / "lora_exp_run.yaml")
+        write_spec(run, tmp / SPEC_FILE)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         tracker.log_artifacts(final, "model")
