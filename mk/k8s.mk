@@ -6,7 +6,7 @@
 #   k8s-lint     hadolint on every Dockerfile (+ shellcheck on scripts/kind-e2e.sh, from the scan venv)
 #   k8s-scan     checkov on the rendered manifests and k8s/ (config and justifications: .checkov.yaml)
 #   k8s-golden   rewrite tests/k8s/golden/ after an intended template or values change
-#   k8s-schema   regenerate charts/values.schema.json's experiment part from `lora-exp schema`
+#   k8s-schema   regenerate charts/values.schema.json (tools/chart_schema.py: the spec + values.yaml's key comments)
 #   k8s-kueue    regenerate k8s/kueue.yaml from the chart's hardware profiles
 #   k8s-lock     regenerate images/requirements*.lock from the dev venv (k8s-lock-check: compare only;
 #                mlflow_server's lock: k8s-mlflow-lock, needs the package index)
@@ -19,7 +19,7 @@ PY ?= $(VENV)/bin/python
 SCAN_VENV ?= .venv-scan
 SCAN_DIR ?= .cache/k8s-scan
 VALUES ?= values/smoke.yaml
-K8S_TOOLS := tests/k8s/k8s_tools.py
+K8S_TOOLS := tools/k8s_tools.py
 DOCKERFILES := images/Dockerfile mlflow_server/Dockerfile
 # The scanner lives in its own venv: its dependencies would fight the project's pins.
 CHECKOV_VERSION ?= 3.3.30
@@ -51,7 +51,7 @@ k8s-golden:
 	UPDATE_GOLDEN=1 $(PY) -m pytest tests/k8s/test_k8s_golden.py -q
 
 k8s-schema:
-	$(PY) $(K8S_TOOLS) schema
+	$(PY) tools/chart_schema.py
 
 k8s-kueue:
 	$(PY) $(K8S_TOOLS) kueue

@@ -19,11 +19,11 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from lora_exp.tasks import REGISTRY
+    from lora_exp.core import registry
 
     out = tmp_path_factory.mktemp("tiny-tokenizer")
     # Every task's label words, so that verbalizer label words start with distinct tokens as with real BPEs.
-    words = " ".join(label for t in REGISTRY.values() for label in getattr(t, "labels", ()))
+    words = " ".join(label for _, t in registry.TASKS.items() for label in getattr(t, "labels", ()))
     corpus = [r["text"] for r in toy_rows(400)] + [f"Premise Hypothesis Relationship Label pos neg {words}"] * 20
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=1, special_tokens=["<|endoftext|>"])
@@ -46,7 +46,7 @@ def tiny_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct, prepared once into .cache (the same dir `make demo` uses)."""
-    from lora_exp.models import prepare_gguf_model
+    from lora_exp.runtime.models import prepare_gguf_model
 
     return prepare_gguf_model(None, str(SMOLLM2_DIR))
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_exp import cli, errors
-from lora_exp.compare import split_metrics
-from lora_exp.report_plots import IMAGE_PANEL, figure_size
-from lora_exp.selection import Selection, search
+from lora_exp import cli
+from lora_exp.core import errors
+from lora_exp.core.plots import IMAGE_PANEL, figure_size
+from lora_exp.reports.comparison import split_metrics
+from lora_exp.reports.selection import Selection, search
 from support import experiment, mlflow_client, run_cli, toy_rows, write_jsonl, write_values
 
 RELEASE = "toy-release"
@@ -26,9 +27,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def store(tiny_gpt2, tmp_path_factory) -> Path:
     """A baseline eval, a LoRA and a head-only run of the toy task, logged as a Helm release would log them."""
-    from lora_exp.evaluate import evaluate_run
-    from lora_exp.spec import resolve_runs
-    from lora_exp.train import train
+    from lora_exp.config.loading import resolve_runs
+    from lora_exp.pipelines.evaluate import evaluate_run
+    from lora_exp.pipelines.train import train
 
     tmp = tmp_path_factory.mktemp("compare")
     data = {"train": str(write_jsonl(tmp / "data/train.jsonl", toy_rows(64, seed=1))),
@@ -246,7 +247,7 @@ def test_split_detection_is_generic():
     assert got == {"validation": {"perplexity": 12.0, "samples": 5},
                    "validation_matched": {"accuracy": 0.8, "samples": 10},
                    "validation_mismatched": {"mcc": 0.1, "samples": 10}}
-    from lora_exp.compare import higher_is_better, is_score
+    from lora_exp.reports.comparison import higher_is_better, is_score
 
     assert not higher_is_better("perplexity") and higher_is_better("exact") and not is_score("samples")
     assert math.isclose(figure_size(7)[1], 3 * 300)
@@ -258,8 +259,8 @@ def test_report_tools_import_no_ml_library():
     import subprocess
     import sys
 
-    code = ("import sys, lora_exp.cli, lora_exp.compare, lora_exp.sanity, lora_exp.status, lora_exp.selection, "
-            "lora_exp.report_plots, lora_exp.tables; lora_exp.cli.build_parser(); "
+    code = ("import sys, lora_exp.cli, lora_exp.reports.compare, lora_exp.reports.sanity, lora_exp.reports.status, "
+            "lora_exp.reports.selection, lora_exp.core.plots, lora_exp.core.tables; lora_exp.cli.build_parser(); "
             "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'matplotlib', 'kubernetes') if m in sys.modules];"
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

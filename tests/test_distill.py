@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_exp.students import DistilRNN, KDStudent, kd_loss
+from lora_exp.runtime.students import DistilRNN, KDStudent, kd_loss
 from support import experiment, mlflow_client, run_cli, write_values
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from lora_exp.spec import resolve_runs
-from lora_exp.train import train
+from lora_exp.config.loading import resolve_runs
+from lora_exp.pipelines.train import train
 from support import experiment, run_cli, write_values
 
 

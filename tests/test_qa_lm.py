@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_exp.tasks.squad_v2 import compute_exact, compute_f1, normalize_answer, squad_v2_metrics
-from lora_exp.textmetrics import LEXNAMES, generation_metrics
+from lora_exp.metrics.generation import LEXNAMES, generation_metrics
+from lora_exp.metrics.squad import compute_exact, compute_f1, normalize_answer, squad_v2_metrics
 from support import mlflow_client, run_cli, write_jsonl, write_values
 
 
@@ -116,9 +116,9 @@ def test_wikitext_style_lm_perplexity_and_generation_metrics(method, tmp_path, t
         assert math.isfinite(results[key]), key
 
     # perplexity == exp(mean token loss), recomputed here from the saved model over the same blocks
+    from lora_exp.config.loading import resolve_runs
     from lora_exp.methods import get_method
-    from lora_exp.spec import resolve_runs
-    from lora_exp.train import prepare
+    from lora_exp.runtime.prepare import prepare
 
     (run,) = resolve_runs(tmp_path / "values.yaml")
     p = prepare(run)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lora_exp.spec import resolve_runs
-from lora_exp.tracking import Tracker
-from lora_exp.train import build_trainer, prepare
+from lora_exp.config.loading import resolve_runs
+from lora_exp.runtime.prepare import prepare
+from lora_exp.runtime.tracking import Tracker
+from lora_exp.runtime.trainer import build_trainer
 from support import experiment, mlflow_client, write_values
 
 bnb = pytest.importorskip("bitsandbytes")

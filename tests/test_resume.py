@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_exp.errors import PREEMPTED
+from lora_exp.core.errors import PREEMPTED
 from support import experiment, mlflow_client, run_cli, write_values
 
 

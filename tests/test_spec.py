@@ -8,8 +8,10 @@ import pytest
 import yaml
 
 from lora_exp.cli import main
-from lora_exp.errors import USER_ERROR, SpecError
-from lora_exp.spec import RunSpec, deep_merge, json_schema, parse_set, resolve_runs
+from lora_exp.config.jsonschema import json_schema
+from lora_exp.config.loading import deep_merge, parse_set, resolve_runs
+from lora_exp.config.schema import RunSpec
+from lora_exp.core.errors import USER_ERROR, SpecError
 from support import ROOT, experiment, write_values
 
 VALUES = sorted((ROOT / "values").glob("*.yaml"))

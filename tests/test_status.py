@@ -19,8 +19,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from lora_exp import cli, errors
-from lora_exp.errors import PREEMPTED
+from lora_exp import cli
+from lora_exp.core import errors
+from lora_exp.core.errors import PREEMPTED
 from support import ROOT, experiment, mlflow_client, toy_rows, write_jsonl, write_values
 
 RELEASE = "rel"
@@ -30,8 +31,8 @@ NAMESPACE = "lora-exp"
 @pytest.fixture(scope="module")
 def store(tiny_gpt2, tmp_path_factory) -> Path:
     """A finished LoRA run of a values file whose other runs ('later', 'long') have not run."""
-    from lora_exp.spec import resolve_runs
-    from lora_exp.train import train
+    from lora_exp.config.loading import resolve_runs
+    from lora_exp.pipelines.train import train
 
     tmp = tmp_path_factory.mktemp("status")
     data = {"train": str(write_jsonl(tmp / "data/train.jsonl", toy_rows(64, seed=1))),
@@ -239,7 +240,7 @@ def test_job_phases():
     pytest.importorskip("kubernetes")
     from kubernetes.client import V1Job, V1JobCondition, V1JobStatus
 
-    from lora_exp.status import job_phase
+    from lora_exp.reports.status import job_phase
 
     def job(active: int = 0, **conditions: str) -> V1Job:
         conds = [V1JobCondition(type=t, status="True", reason=r or None) for t, r in conditions.items()]

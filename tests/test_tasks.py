@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lora_exp.data import load_splits, subsample
-from lora_exp.formulation import build_formulation
-from lora_exp.metrics import classification_metrics
-from lora_exp.spec import RunSpec
-from lora_exp.tasks import REGISTRY, get_task
+from lora_exp.config.loading import check_run
+from lora_exp.config.schema import RunSpec
+from lora_exp.core import registry
+from lora_exp.formulations import build_formulation
+from lora_exp.runtime.data import load_splits, subsample
+from lora_exp.tasks import ClassificationTask, get_task
 from support import write_jsonl
 
 WORDS = ["the", "movie", "was", "great", "plot", "boring", "story", "fun"]
@@ -36,7 +37,8 @@ def _spec(task_name, files, kind="classifier", **extra) -> RunSpec:
     })
 
 
-CLASSIFICATION = sorted(n for n, t in REGISTRY.items() if t.kind == "classification")
+REGISTRY = dict(registry.TASKS.items())
+CLASSIFICATION = sorted(n for n, t in REGISTRY.items() if isinstance(t, ClassificationTask))
 
 
 @pytest.mark.parametrize("name", CLASSIFICATION)
@@ -96,25 +98,27 @@ def test_metrics_match_hand_computation():
     cola = REGISTRY["cola"]
     gold = np.array([1, 1, 1, 0, 0, 1])
     pred = np.array([1, 0, 1, 0, 1, 1])
-    m = classification_metrics(cola, gold, pred)
+    m = cola.score(gold, pred)
     # TP=3 (1->1), FN=1, FP=1, TN=1: MCC = (3*1 - 1*1) / sqrt(4*4*2*2) = 2/8
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["mcc"] == pytest.approx(0.25)
 
     mrpc = REGISTRY["mrpc"]  # F1 of the "equivalent" class: P = 3/4, R = 3/4
-    assert classification_metrics(mrpc, gold, pred)["f1"] == pytest.approx(0.75)
+    assert mrpc.score(gold, pred)["f1"] == pytest.approx(0.75)
 
     mnli = REGISTRY["mnli"]
-    m = classification_metrics(mnli, np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]))
+    m = mnli.score(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]))
     # per class F1: 1.0, 0.0, 0.8 -> macro 0.6
     assert m["accuracy"] == pytest.approx(0.75) and m["f1_macro"] == pytest.approx(0.6)
 
 
 def test_registered_tasks_reject_custom_fields():
-    from lora_exp.errors import SpecError
+    from pydantic import ValidationError
+
+    from lora_exp.core.errors import SpecError
 
     spec = _spec("sst2", {"train": "x.jsonl"}, text_fields=["a"])
     with pytest.raises(SpecError, match="only task 'custom'"):
-        get_task(spec)
-    with pytest.raises(SpecError, match="unknown task 'sst3'"):
-        get_task(_spec("sst3", {"train": "x.jsonl"}))
+        check_run(spec)
+    with pytest.raises(ValidationError, match="Input should be 'custom', 'mnli'"):
+        _spec("sst3", {"train": "x.jsonl"})

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from lora_exp.spec import resolve_runs
-from lora_exp.train import train
+from lora_exp.config.loading import resolve_runs
+from lora_exp.pipelines.train import train
 from support import experiment, mlflow_client, run_cli, write_values
 
 

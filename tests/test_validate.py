@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lora_exp.errors import USER_ERROR
+from lora_exp.core.errors import USER_ERROR
 from support import experiment, toy_rows, write_jsonl, write_values
 
 # Runs validate in a fresh interpreter and proves no model code was imported (so no weights were loaded).

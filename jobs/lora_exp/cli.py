@@ -1,7 +1,7 @@
-"""``lora-exp``: the command line. Every subcommand takes the same ``-f values.yaml [--run NAME] [--set k=v]``.
+"""``lora-exp``: the command line. Every spec command takes the same ``-f values.yaml [--run NAME] [--set k=v]``.
 
-Heavy libraries (torch, transformers) are imported inside the commands that need them, so ``validate``
-and ``schema`` answer in well under a second.
+The CLI picks the pipeline for each run's job. Heavy libraries (torch, transformers) are imported inside the
+commands that need them, so ``validate`` and ``schema`` answer in well under a second.
 """
 
 from __future__ import annotations
@@ -13,44 +13,37 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from lora_exp import errors
-from lora_exp.logs import setup_logging, write_termination_message
-from lora_exp.spec import Run, json_schema, resolve_runs
+from lora_exp.config.jsonschema import json_schema
+from lora_exp.config.loading import Run, add_spec_arguments, resolve_runs
+from lora_exp.core import errors, tags
+from lora_exp.core.logs import setup_logging, write_termination_message
+from lora_exp.core.tables import text_table
 
 log = logging.getLogger("lora_exp")
-
-
-def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--values", required=True, help="values file whose 'experiment' section is the spec")
-    p.add_argument("--run", help="run only this named run (default: every run, in file order)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set training.epochs=1 (repeatable)",
-    )
-
 
 # Commands that live in their own module: each has HELP, add_arguments(parser) and main(args) -> exit code,
 # and imports its heavy libraries inside main().
 TOOLS: dict[str, str] = {
-    "compare": "lora_exp.compare",
-    "sanity": "lora_exp.sanity",
-    "status": "lora_exp.status",
-    "generate": "lora_exp.generate",
-    "export": "lora_exp.export",
+    "compare": "lora_exp.reports.compare",
+    "sanity": "lora_exp.reports.sanity",
+    "status": "lora_exp.reports.status",
+    "generate": "lora_exp.pipelines.generate",
+    "export": "lora_exp.pipelines.export",
+}
+SPEC_COMMANDS = {
+    "train": "fine-tune the train runs, then evaluate them",
+    "eval": "evaluate: a base model (baseline), a trained artifact, or an MLflow run's model",
+    "distill": "train the distill runs' students from their teacher (with and without KD)",
+    "run": "run each run as its spec says (job: train, eval or distill) and print a summary table",
+    "validate": "check the spec and local data files without loading any model",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-exp", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lora-exp", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [
-        ("train", "fine-tune the train runs, then evaluate them"),
-        ("eval", "evaluate: a base model (baseline), a trained artifact, or an MLflow run's model"),
-        ("distill", "train the distill runs' students from their teacher (with and without KD)"),
-        ("run", "run each run as its spec says (job: train or eval) and print a summary table"),
-        ("validate", "check the spec and local data files without loading any model"),
-    ]:
-        _spec_args(sub.add_parser(name, help=help_))
+    for name, help_ in SPEC_COMMANDS.items():
+        add_spec_arguments(sub.add_parser(name, help=help_))
     sub.add_parser("schema", help="print the JSON Schema of a values file's 'experiment' section")
     prep = sub.add_parser(
         "prepare-model", help="convert a GGUF checkpoint (default: the offline SmolLM2-135M) into a trainable HF dir"
@@ -63,39 +56,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_job(run: Run) -> dict[str, float]:
+    """The pipeline for the run's job."""
+    if run.spec.job == tags.EVAL:
+        from lora_exp.pipelines.evaluate import evaluate_run
+
+        return evaluate_run(run)
+    if run.spec.job == tags.DISTILL:
+        from lora_exp.pipelines.distill import distill
+
+        return distill(run)
+    from lora_exp.pipelines.train import train
+
+    return train(run)
+
+
 def cmd_validate(runs: list[Run]) -> int:
-    from lora_exp.data import validate_data
+    from lora_exp.runtime.data import validate_data
 
     for run in runs:
         report = validate_data(run.spec)
-        what = {"train": f"train {run.spec.method.name}", "distill": "distill"}.get(run.spec.job, "eval")
+        what = {tags.TRAIN: f"train {run.spec.method.name}", tags.DISTILL: "distill"}.get(run.spec.job, "eval")
         log.info("run %s: spec ok (%s, task %s); %s", run.name, what, run.spec.task.name, report)
     return errors.OK
 
 
-def _train_jobs(job: str) -> Callable[[list[Run]], int]:
-    """`train` and `distill` run the runs of their job through the one training path; others are skipped."""
+def _only(job: str) -> Callable[[list[Run]], int]:
+    """`train` and `distill` run the runs of their job; the others are skipped with a note."""
 
     def command(runs: list[Run]) -> int:
-        from lora_exp.train import train
-
         for run in runs:
             if run.spec.job != job:
                 log.info("run %s: job is %r, skipped by '%s' (use 'lora-exp %s' or 'run')", run.name, run.spec.job,
                          job, run.spec.job)
                 continue
-            train(run)
+            run_job(run)
         return errors.OK
 
     return command
 
 
-cmd_train = _train_jobs("train")
-cmd_distill = _train_jobs("distill")
-
-
 def cmd_eval(runs: list[Run]) -> int:
-    from lora_exp.evaluate import evaluate_run
+    """Every run evaluated: eval runs as specified, train runs from their own artifact."""
+    from lora_exp.pipelines.evaluate import evaluate_run
 
     for run in runs:
         evaluate_run(run)
@@ -103,20 +106,22 @@ def cmd_eval(runs: list[Run]) -> int:
 
 
 def cmd_run(runs: list[Run]) -> int:
-    from lora_exp.evaluate import evaluate_run, print_summary
-    from lora_exp.train import train
-
-    results = {}
-    for run in runs:
-        results[run.name] = evaluate_run(run) if run.spec.job == "eval" else train(run)
+    results = {run.name: run_job(run) for run in runs}
     print_summary(results)
     return errors.OK
 
 
+def print_summary(results: dict[str, dict[str, float]]) -> None:
+    """A plain table of each run's headline metrics (runs x metrics), printed after ``lora-exp run``."""
+    keys = sorted({k for m in results.values() for k in m if not k.endswith(("_samples", "_loss"))})
+    if keys:
+        print("\n" + text_table([{"run": name, **{k: m.get(k) for k in keys}} for name, m in results.items()]))
+
+
 COMMANDS: dict[str, Callable[[list[Run]], int]] = {
-    "train": cmd_train,
+    "train": _only(tags.TRAIN),
     "eval": cmd_eval,
-    "distill": cmd_distill,
+    "distill": _only(tags.DISTILL),
     "run": cmd_run,
     "validate": cmd_validate,
 }
@@ -131,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             return errors.OK
         if args.command in TOOLS:
-            return importlib.import_module(TOOLS[args.command]).main(args)
+            return int(importlib.import_module(TOOLS[args.command]).main(args))
         if args.command == "prepare-model":
-            from lora_exp.models import prepare_gguf_model
+            from lora_exp.runtime.models import prepare_gguf_model
 
             prepare_gguf_model(args.gguf, args.out)
             return errors.OK

@@ -2,7 +2,7 @@
 
 Every render goes through the real Helm v4 engine (helm-python-sdk), values files are parsed the way
 `helm -f` parses them, and every rendered object is validated against Kubernetes' strict schemas.
-Helpers live in k8s_helpers.py / k8s_tools.py (not here, so no other conftest can shadow them).
+Helpers live in k8s_helpers.py and tools/k8s_tools.py (not here, so no other conftest can shadow them).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # the packaging tools
 
 import k8s_tools as kt  # noqa: E402
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from k8s_helpers import jobs, kt, pod_specs, synthetic
 
 MANIFESTS = sorted((kt.REPO / "k8s").glob("*.yaml"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_helpers import PROFILES, SYNTHETIC, VALUES_FILES, jobs, kt, synthetic, values_id
 
-from lora_exp.spec import resolve_runs
+from k8s_helpers import PROFILES, SYNTHETIC, VALUES_FILES, jobs, kt, synthetic, values_id
+from lora_exp.config.loading import resolve_runs
 
 LORA_EXP = [str(Path(sys.executable).with_name("lora-exp"))]
 

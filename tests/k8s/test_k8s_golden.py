@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from k8s_helpers import VALUES_FILES, kt, values_id
 
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

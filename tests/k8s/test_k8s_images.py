@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from k8s_helpers import kt
 
 DOCKERFILES = sorted(

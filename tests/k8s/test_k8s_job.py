@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from k8s_helpers import (
     PROFILES,
     VALUES_FILES,
@@ -19,7 +20,6 @@ from k8s_helpers import (
     torchrun_opts,
     values_id,
 )
-
 from lora_exp.cli import build_parser
 
 SPEC_MOUNT = "/etc/lora-exp"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 
 import pytest
+
 from k8s_helpers import container, env_of, jobs, kt, synthetic
 
 ON = {"enabled": True, "postgresql": {"existingSecret": "mlflow-db"}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from k8s_helpers import PROFILES, VALUES_FILES, jobs, kt, synthetic, values_id
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import referencing
+
 from k8s_helpers import VALUES_FILES, kt, synthetic, values_id
 
 COMMITTED = json.loads(kt.SCHEMA.read_text())

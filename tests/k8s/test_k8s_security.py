@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from k8s_helpers import VALUES_FILES, kt, pod_specs, synthetic, values_id
 
 SECRETISH = re.compile(r"(PASSWORD|TOKEN|SECRET|ACCESS_KEY|CREDENTIAL|API_KEY)", re.I)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from k8s_helpers import MULTI_NODE, PROFILES, container, env_of, jobs, kt, synthetic, torchrun_opts
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from k8s_helpers import container, jobs, kt
 
-from lora_exp.spec import resolve_runs
+from k8s_helpers import container, jobs, kt
+from lora_exp.config.loading import resolve_runs
 
 SMOKE = kt.REPO / "values" / "smoke.yaml"
 SCRIPT = kt.REPO / "scripts" / "kind-e2e.sh"

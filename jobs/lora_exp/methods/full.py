@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from lora_exp.config.schema import MethodSpec
+from lora_exp.methods.base import LoadBase, Method, TrainableRule, register_method
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
 
 
-def load_kwargs(spec: Any) -> dict[str, Any]:
-    return {}  # the base loads as it is
+class FullSpec(MethodSpec):
+    """Update every weight."""
+
+    name: Literal["full"]
 
 
-def apply(model: Any, spec: Any, task_type: str) -> Any:
-    for p in model.parameters():
-        p.requires_grad = True
-    return model
+class Full(Method):
+    name: ClassVar[str] = "full"
+    spec: ClassVar[type[MethodSpec]] = FullSpec
+    label: ClassVar[str] = "full"
+    report_order: ClassVar[int] = 40
+
+    def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        for p in model.parameters():
+            p.requires_grad = True
+        return model
+
+    def save(self, trainer: Any, out_dir: str) -> None:
+        # save_model consolidates ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save) and writes
+        # safetensors plus the tokenizer: a standalone model.
+        trainer.save_model(out_dir)
+
+    def load(self, load_base: LoadBase, artifact_dir: str) -> Any:
+        return load_base(artifact_dir)  # the artifact is a complete model: it replaces the base
+
+    def trainable_rule(self, model: Any) -> TrainableRule:
+        return TrainableRule("every weight", lambda n: True, lambda n: True)
 
 
-def save(trainer: Any, out_dir: str) -> None:
-    # save_model consolidates ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save) and writes
-    # safetensors plus the tokenizer: a standalone model.
-    trainer.save_model(out_dir)
-
-
-def load(load_base: Any, artifact_dir: str) -> Any:
-    return load_base(artifact_dir)  # the artifact is a complete model: it replaces the base
+register_method(Full())

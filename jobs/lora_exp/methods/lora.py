@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
-from lora_exp.errors import SpecError
-from lora_exp.spec import RunSpec
+from pydantic import Field
+
+from lora_exp.config.schema import MethodSpec
+from lora_exp.core.errors import SpecError
+from lora_exp.methods.base import LoadBase, Method, TrainableRule, register_method
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
 
 # Default targets per architecture (model_type): the attention and MLP projections.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -15,12 +22,33 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     ),
 }
+# The Trainer also saves the tokenizer; the artifact reuses the base model's, so only the adapter is kept.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "training_args.bin")
 
 
-def target_modules(spec: RunSpec, model_type: str) -> list[str]:
-    explicit = getattr(spec.method, "target_modules", None)
-    if explicit:
-        return list(explicit)
+class LoraFields(MethodSpec):
+    """The adapter settings LoRA and QLoRA share."""
+
+    r: int = Field(8, ge=1, description="Adapter rank: higher = more capacity, more memory.")
+    alpha: int = Field(16, ge=1, description="Scaling numerator; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt. Default per architecture: GPT-2 c_attn,c_proj,c_fc; "
+        "Llama q,k,v,o,gate,up,down _proj.",
+    )
+
+
+class LoraSpec(LoraFields):
+    """LoRA adapters (PEFT) on the attention/MLP projections; the base stays frozen."""
+
+    name: Literal["lora"]
+
+
+def target_modules(m: LoraFields, model_type: str) -> list[str]:
+    if m.target_modules:
+        return list(m.target_modules)
     if model_type not in DEFAULT_TARGETS:
         raise SpecError(
             f"method.target_modules: no default for model type {model_type!r}; list the module names to adapt"
@@ -28,46 +56,47 @@ def target_modules(spec: RunSpec, model_type: str) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
-def load_kwargs(spec: Any) -> dict[str, Any]:
-    return {}  # the base loads as it is
+class Lora(Method):
+    name: ClassVar[str] = "lora"
+    spec: ClassVar[type[MethodSpec]] = LoraSpec
+    label: ClassVar[str] = "LoRA"
+    report_order: ClassVar[int] = 20
+
+    def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        from peft import LoraConfig, get_peft_model
+
+        m = cast(LoraFields, spec.method)
+        model_type = model.config.model_type
+        config = LoraConfig(
+            task_type=task_type,
+            r=m.r,
+            lora_alpha=m.alpha,
+            lora_dropout=m.dropout,
+            target_modules=target_modules(m, model_type),
+            fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed)
+        )
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:  # e.g. a target module that does not exist in this model
+            raise SpecError(f"method.target_modules: {e}") from None
+
+    def save(self, trainer: Any, out_dir: str) -> None:
+        # For a PeftModel, save_model writes adapter_model.safetensors + adapter_config.json only (plus a
+        # SEQ_CLS head, which is trained too); the frozen base weights are never copied.
+        trainer.save_model(out_dir)
+        for name in TOKENIZER_FILES:
+            (Path(out_dir) / name).unlink(missing_ok=True)
+
+    def load(self, load_base: LoadBase, artifact_dir: str) -> Any:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_base(None), artifact_dir)
+
+    def trainable_rule(self, model: Any) -> TrainableRule:
+        # PEFT keeps a task head (SEQ_CLS, QA) trainable as modules_to_save; the base weights stay frozen.
+        head = any("modules_to_save" in n for n, _ in model.named_parameters())
+        return TrainableRule("LoRA adapters" + (" and the task head" if head else ""), lambda n: "lora_" in n,
+                             lambda n: "lora_" in n or "modules_to_save" in n)
 
 
-def apply(model: Any, spec: RunSpec, task_type: str) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    m = spec.method
-    model_type = model.config.model_type
-    config = LoraConfig(
-        task_type=task_type,
-        r=m.r,
-        lora_alpha=m.alpha,
-        lora_dropout=m.dropout,
-        target_modules=target_modules(spec, model_type),
-        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed)
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # e.g. a target module that does not exist in this model
-        raise SpecError(f"method.target_modules: {e}") from None
-
-
-def save(trainer: Any, out_dir: str) -> None:
-    # For a PeftModel, save_model writes adapter_model.safetensors + adapter_config.json only (plus a
-    # SEQ_CLS head, which is trained too); the frozen base weights are never copied.
-    trainer.save_model(out_dir)
-    _drop_tokenizer_files(out_dir)
-
-
-def _drop_tokenizer_files(out_dir: str) -> None:
-    """The Trainer also saves the tokenizer; the artifact reuses the base model's, so keep only the adapter."""
-    from pathlib import Path
-
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                 "chat_template.jinja", "training_args.bin"):
-        (Path(out_dir) / name).unlink(missing_ok=True)
-
-
-def load(load_base: Any, artifact_dir: str) -> Any:
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_base(None), artifact_dir)
+register_method(Lora())

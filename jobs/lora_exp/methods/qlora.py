@@ -3,43 +3,64 @@ k-bit training, and LoRA adapters train on top in fp32. The artifact is the adap
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
-from lora_exp.methods import lora
-from lora_exp.spec import RunSpec
+from pydantic import Field
 
-save = lora.save
-load = lora.load
+from lora_exp.config.schema import MethodSpec
+from lora_exp.core.errors import UserError
+from lora_exp.methods.base import register_method
+from lora_exp.methods.lora import Lora, LoraFields
 
-
-def load_kwargs(spec: RunSpec) -> dict[str, Any]:
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    from lora_exp.errors import UserError
-
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError("method qlora needs bitsandbytes: pip install 'lora-exp[qlora]'") from None
-    m = spec.method
-    return {
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=m.quant_type,
-            bnb_4bit_use_double_quant=m.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, m.compute_dtype),
-        )
-    }
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
 
 
-def apply(model: Any, spec: RunSpec, task_type: str) -> Any:
-    from peft import prepare_model_for_kbit_training
+class QLoraSpec(LoraFields):
+    """QLoRA: LoRA over a 4-bit (nf4, double-quantized) frozen base; LoRA weights stay fp32."""
 
-    # Freezes the 4-bit base, casts norms (and the head) to fp32 for stable training, and enables
-    # gradient checkpointing with inputs that require grad, as the seed's model_nf4_with_chkpoint.
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=spec.training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+    name: Literal["qlora"]
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit weights are dequantized to for each matmul."
     )
-    return lora.apply(model, spec, task_type)
+
+
+class QLora(Lora):
+    name: ClassVar[str] = "qlora"
+    spec: ClassVar[type[MethodSpec]] = QLoraSpec
+    label: ClassVar[str] = "QLoRA"
+    report_order: ClassVar[int] = 30
+
+    def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("method qlora needs bitsandbytes: pip install 'lora-exp[qlora]'") from None
+        m = cast(QLoraSpec, spec.method)
+        return {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=m.quant_type,
+                bnb_4bit_use_double_quant=m.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, m.compute_dtype),
+            )
+        }
+
+    def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the 4-bit base, casts norms (and the head) to fp32 for stable training, and enables
+        # gradient checkpointing with inputs that require grad, as the seed's model_nf4_with_chkpoint.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        return super().apply(model, spec, task_type)
+
+
+register_method(QLora())

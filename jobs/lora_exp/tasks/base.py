@@ -3,28 +3,54 @@ evaluation are one code path for classification, extractive QA and language mode
 
 - where its rows come from (hub id/config, split names) and which columns a row needs;
 - ``check_row``: is one row usable (raises ``ValueError`` with the reason; returns a category to count);
-- ``normalise``: the loaded split in the shape its formulation expects (e.g. integer labels);
-- ``check_spec``: does the spec fit the task (template fields, verbalizers, formulation kind);
-- ``formulation``: how rows meet the model and how outputs become metrics (see ``lora_exp.formulation``).
+- ``normalise``: the loaded split in the shape its formulations expect (e.g. integer labels);
+- ``check_spec``: does the spec fit the task (fields, template, formulation kind);
+- ``for_run``: the task with a run's overrides applied (eval splits; a custom task's fields).
+
+A task module builds its task object(s) and calls :func:`register_task`. Which formulations serve a task
+is the formulations' business (each declares the task kinds it serves, ``lora_exp.formulations``); a task
+only names its natural one (``default_formulation``), used when ``formulation.kind`` is ``auto``.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from lora_exp.errors import SpecError
+from lora_exp.core import registry
+from lora_exp.core.errors import DataError, SpecError
+from lora_exp.metrics.classification import classification_scores
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
+
+_T = TypeVar("_T")
+CLASSIFICATION, QA, LM = "classification", "qa", "lm"  # task kinds
 
 
 class Task(Protocol):
-    name: str
-    kind: str  # "classification" | "qa" | "lm"
-    formulations: tuple[str, ...]  # the formulation kinds it supports; the first is the default
-    hub_path: str | None
-    hub_config: str | None
-    train_split: str
-    eval_splits: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str:
+        """CLASSIFICATION, QA or LM: which formulations can serve it."""
+
+    @property
+    def default_formulation(self) -> str: ...
+
+    @property
+    def hub_path(self) -> str | None: ...
+
+    @property
+    def hub_config(self) -> str | None: ...
+
+    @property
+    def train_split(self) -> str: ...
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]: ...
 
     @property
     def required_columns(self) -> tuple[str, ...]: ...
@@ -33,9 +59,44 @@ class Task(Protocol):
 
     def normalise(self, ds: Any, split: str) -> Any: ...
 
-    def check_spec(self, spec: Any) -> None: ...
+    def check_spec(self, spec: RunSpec) -> None: ...
 
-    def formulation(self, spec: Any, tokenizer: Any) -> Any: ...
+    def for_run(self, spec: RunSpec) -> Task: ...
+
+
+class _ServesKinds(Protocol):
+    task_kinds: tuple[str, ...]
+
+
+def register_task(task: _T) -> _T:
+    """Make ``task`` known by its name (to the spec's ``task.name`` enum, validate and every job)."""
+    registry.TASKS.register(task.name, task)  # type: ignore[attr-defined]
+    return task
+
+
+def get_task(spec: RunSpec) -> Task:
+    """The task of a run, with the run's overrides (eval splits, custom fields) applied."""
+    return cast(Task, registry.TASKS.get(spec.task.name)).for_run(spec)
+
+
+def task_names() -> list[str]:
+    return registry.TASKS.names()
+
+
+def formulations_for(kind: str) -> list[str]:
+    """The registered formulations that serve tasks of ``kind``."""
+    return [n for n, f in registry.FORMULATIONS.items() if kind in cast(_ServesKinds, f).task_kinds]
+
+
+def formulation_kind(spec: RunSpec, task: Task) -> str:
+    """The formulation a run uses ('auto': the task's natural one), or a SpecError naming the choices."""
+    kind = spec.formulation.kind
+    if kind == "auto":
+        return task.default_formulation
+    allowed = formulations_for(task.kind)
+    if kind not in allowed:
+        raise SpecError(f"formulation.kind: task {task.name!r} supports {allowed}, not {kind!r}")
+    return kind
 
 
 def template_fields(template: str) -> set[str]:
@@ -45,14 +106,16 @@ def template_fields(template: str) -> set[str]:
         raise SpecError(f"formulation.template: not a valid format string ({e})") from None
 
 
-def require_formulation(spec: Any, task_name: str, allowed: tuple[str, ...]) -> str:
-    """The formulation kind a run uses ('auto' picks the task's first), or a SpecError naming the choices."""
-    kind = spec.formulation.kind
-    if kind == "auto":
-        return allowed[0]
-    if kind not in allowed:
-        raise SpecError(f"formulation.kind: task {task_name!r} supports {list(allowed)}, not {kind!r}")
-    return kind
+def reject_custom_fields(spec: RunSpec) -> None:
+    """text_fields / labels / label_field define a custom task; a registered task has its own."""
+    t = spec.task
+    given = [k for k in ("text_fields", "labels", "label_field") if getattr(t, k) is not None]
+    if given:
+        raise SpecError(f"task.{given[0]}: only task 'custom' takes these; '{t.name}' defines its own")
+
+
+def with_eval_splits(task: Any, spec: RunSpec) -> Any:
+    return replace(task, eval_splits=tuple(spec.task.eval_splits)) if spec.task.eval_splits else task
 
 
 @dataclass(frozen=True)
@@ -76,8 +139,8 @@ class ClassificationTask:
     metrics: tuple[str, ...] = ("accuracy", "f1_macro")
     # Binary tasks whose papers report F1 of the positive class (MRPC) name it here.
     positive_label: str | None = None
-    formulations: tuple[str, ...] = ("classifier", "verbalizer")
-    kind: str = field(default="classification", init=False)
+    default_formulation: str = "classifier"
+    kind: str = field(default=CLASSIFICATION, init=False)
 
     @property
     def num_labels(self) -> int:
@@ -113,8 +176,6 @@ class ClassificationTask:
     def normalise(self, ds: Any, split: str) -> Any:
         import datasets
 
-        from lora_exp.errors import DataError
-
         values = ds[self.label_field]
         ids = [self.label_to_id(v) for v in values]
         if None in ids:
@@ -124,8 +185,22 @@ class ClassificationTask:
         ds = ds.select_columns(list(self.text_fields)).add_column("label", ids)
         return ds.cast_column("label", datasets.Value("int64"))
 
-    def check_spec(self, spec: Any) -> None:
-        require_formulation(spec, self.name, self.formulations)
+    def score(self, gold: Any, pred: Any) -> dict[str, float]:
+        """The task's metrics of predicted against gold label ids."""
+        positive = self.labels.index(self.positive_label) if self.positive_label else 1
+        return classification_scores(self.metrics, self.num_labels, positive, gold, pred)
+
+    def for_run(self, spec: RunSpec) -> ClassificationTask:
+        return cast(ClassificationTask, with_eval_splits(self, spec))
+
+    def check_spec(self, spec: RunSpec) -> None:
+        reject_custom_fields(spec)
+        self.check_formulation(spec)
+
+    def check_formulation(self, spec: RunSpec) -> None:
+        """The formulation fits: a kind that serves classification, a template over the text fields,
+        verbalizer words for exactly the labels."""
+        formulation_kind(spec, self)
         template = spec.formulation.template or self.template
         unknown = sorted(n for n in template_fields(template) if n not in self.text_fields)
         if unknown:
@@ -140,14 +215,3 @@ class ClassificationTask:
                     + (f"; missing {missing}" if missing else "")
                     + (f"; unknown {extra}" if extra else "")
                 )
-
-    def formulation(self, spec: Any, tokenizer: Any) -> Any:
-        from lora_exp.formulation import Classifier, Verbalizer
-
-        template = spec.formulation.template or self.template
-        kind = require_formulation(spec, self.name, self.formulations)
-        if kind == "classifier":
-            return Classifier(self, tokenizer, template, spec.model.max_length)
-        words = spec.formulation.verbalizers or {label: " " + label for label in self.labels}
-        suffix = self.prompt_suffix if spec.formulation.prompt_suffix is None else spec.formulation.prompt_suffix
-        return Verbalizer(self, tokenizer, template, spec.model.max_length, words, suffix)

@@ -6,7 +6,7 @@ matched (same genres as training) and mismatched (new genres), reported separate
 
 from __future__ import annotations
 
-from lora_exp.tasks.base import ClassificationTask
+from lora_exp.tasks.base import ClassificationTask, register_task
 
 GLUE = "nyu-mll/glue"
 
@@ -63,3 +63,6 @@ COLA = ClassificationTask(
     prompt_suffix="\nGrammatical:",
     metrics=("accuracy", "mcc", "f1_macro"),
 )
+
+for _task in (MNLI, MRPC, SST2, RTE, COLA):
+    register_task(_task)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_exp.tasks.base import ClassificationTask
+from lora_exp.tasks.base import ClassificationTask, register_task
 
 IMDB = ClassificationTask(
     name="imdb",
@@ -13,3 +13,5 @@ IMDB = ClassificationTask(
     prompt_suffix="\nSentiment:",
     eval_splits=("test",),
 )
+
+register_task(IMDB)

@@ -8,15 +8,13 @@ continues the first ``eval.prompt_tokens`` tokens and its continuation is scored
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from dataclasses import dataclass, field
-from itertools import chain
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_exp.tasks.base import require_formulation
+from lora_exp.tasks.base import LM, formulation_kind, register_task, reject_custom_fields, with_eval_splits
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
 
 
 @dataclass(frozen=True)
@@ -26,8 +24,8 @@ class LMTask:
     hub_config: str | None = "wikitext-2-raw-v1"
     train_split: str = "train"
     eval_splits: tuple[str, ...] = ("validation",)
-    formulations: tuple[str, ...] = ("causal_lm",)
-    kind: str = field(default="lm", init=False)
+    default_formulation: str = "causal_lm"
+    kind: str = field(default=LM, init=False)
 
     @property
     def required_columns(self) -> tuple[str, ...]:
@@ -40,103 +38,12 @@ class LMTask:
     def normalise(self, ds: Any, split: str) -> Any:
         return ds.select_columns(["text"])
 
-    def check_spec(self, spec: Any) -> None:
-        require_formulation(spec, self.name, self.formulations)
+    def check_spec(self, spec: RunSpec) -> None:
+        reject_custom_fields(spec)
+        formulation_kind(spec, self)
 
-    def formulation(self, spec: Any, tokenizer: Any) -> CausalLM:
-        require_formulation(spec, self.name, self.formulations)
-        e = spec.eval
-        return CausalLM(self, tokenizer, spec.model.max_length, e.generation_samples, e.prompt_tokens,
-                        e.max_new_tokens)
+    def for_run(self, spec: RunSpec) -> LMTask:
+        return with_eval_splits(self, spec)  # type: ignore[no-any-return]
 
 
-WIKITEXT = LMTask()
-
-
-@dataclass
-class CausalLM:
-    task: LMTask
-    tokenizer: Any
-    block_size: int
-    generation_samples: int
-    prompt_tokens: int
-    max_new_tokens: int
-    kind: str = "causal_lm"
-    model_class: str = "AutoModelForCausalLM"
-    peft_task_type: str = "CAUSAL_LM"
-    prediction_loss_only: bool = True
-
-    def _tokens(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return {"input_ids": self.tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
-
-    def _blocks(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        ids = list(chain.from_iterable(batch["input_ids"]))
-        n = len(ids) // self.block_size * self.block_size
-        blocks = [ids[i : i + self.block_size] for i in range(0, n, self.block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * self.block_size for _ in blocks],
-                "labels": [list(b) for b in blocks]}
-
-    def tokenize(self, ds: Any) -> Any:
-        from lora_exp.errors import DataError
-        from lora_exp.formulation import map_batches
-
-        tokens = map_batches(ds, self._tokens, "tokenizing (causal_lm)")
-        blocks = tokens.map(self._blocks, batched=True, batch_size=1000, remove_columns=tokens.column_names,
-                            desc=f"grouping into {self.block_size}-token blocks")
-        if len(blocks) == 0:
-            raise DataError(f"the text yields no complete {self.block_size}-token block; lower model.max_length")
-        return blocks
-
-    def collator(self) -> Any:
-        from transformers import default_data_collator
-
-        return default_data_collator  # blocks are equal-length: no padding, labels already set
-
-    def preprocess_logits(self, logits: Any, labels: Any) -> Any:
-        return logits
-
-    def compute_metrics(self, p: Any) -> dict[str, float]:
-        return {}
-
-    def evaluate(self, trainer: Any, raw: Any, split: str, out_dir: Path) -> dict[str, float]:
-        blocks = self.tokenize(raw)
-        loss_only = trainer.args.prediction_loss_only
-        trainer.args.prediction_loss_only = True  # only the loss: full-vocabulary logits would not fit
-        pred = trainer.predict(blocks, metric_key_prefix=split)
-        trainer.args.prediction_loss_only = loss_only
-        if not trainer.is_world_process_zero():
-            return {}
-        loss = pred.metrics[f"{split}_loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(loss), "blocks": float(len(blocks))}
-        samples = self.generate(trainer, blocks)
-        if samples:
-            from lora_exp.textmetrics import generation_metrics
-
-            metrics.update(generation_metrics([s[2] for s in samples], [s[1] for s in samples]))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps({"split": split, "task": self.task.name, **metrics},
-                                                         indent=2))
-        with (out_dir / "generations.csv").open("w", newline="") as fh:
-            csv.writer(fh).writerows([("prompt", "reference", "generated"), *samples])
-        return metrics
-
-    def generate(self, trainer: Any, blocks: Any) -> list[tuple[str, str, str]]:
-        """Greedy continuations of the first held-out blocks: (prompt, true continuation, generated)."""
-        import torch
-
-        n = min(self.generation_samples, len(blocks))
-        if n == 0:
-            return []
-        p, m = min(self.prompt_tokens, self.block_size - 1), self.max_new_tokens
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.eval()
-        out = []
-        with torch.no_grad():
-            for i in range(n):
-                ids = blocks[i]["input_ids"]
-                prompt = torch.tensor([ids[:p]], device=model.device)
-                gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=m,
-                                     do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-                decode = self.tokenizer.decode
-                out.append((decode(ids[:p]), decode(ids[p : p + m]), decode(gen[0, p:], skip_special_tokens=True)))
-        return out
+WIKITEXT = register_task(LMTask())

@@ -1,0 +1,202 @@
+"""Values file -> named, fully resolved, checked runs.
+
+``resolve_runs`` reads the ``experiment`` section, deep-merges each run over ``defaults`` and the ``--set``
+overrides, validates the result as a :class:`RunSpec` and asks the run's task and method whether the spec
+fits them (``check_run``). Every problem is one line naming the file, the layer (defaults, a run, --set)
+and the path as the user wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lora_exp.config.schema import ExperimentFile, RunSpec
+from lora_exp.core import registry
+from lora_exp.core.errors import SpecError
+from lora_exp.core.layout import RunDir
+
+
+class Run(BaseModel):
+    """A resolved run and where it came from (for messages and MLflow tags)."""
+
+    model_config = ConfigDict(frozen=True)
+    experiment: str
+    name: str
+    spec: RunSpec
+    source: str
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.spec.output_root) / self.experiment / self.name
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.output_dir)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.spec.tracking.experiment_name or self.experiment
+
+    @property
+    def run_name(self) -> str:
+        return self.spec.tracking.run_name or self.name
+
+
+class _SpecChecker(Protocol):
+    def check_spec(self, spec: RunSpec) -> None: ...
+
+
+def check_run(spec: RunSpec) -> None:
+    """What the schema alone cannot see: does the spec fit its task (fields, template, formulation) and its
+    method (e.g. head-only needs a head)? Each plugin raises SpecError naming the field."""
+    cast(_SpecChecker, registry.TASKS.get(spec.task.name)).check_spec(spec)
+    cast(_SpecChecker, registry.METHODS.get(spec.method.name)).check_spec(spec)
+
+
+def parse_run_spec(data: Any) -> RunSpec:
+    """Validate and check a complete run spec (e.g. the one stored in an artifact)."""
+    spec = RunSpec.model_validate(data)
+    check_run(spec)
+    return spec
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated by ``over``, recursing into mappings (lists and scalars replace)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Turn ``["training.epochs=1", "method.r=4"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=1")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {part} is both a value and a section")
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # "a: b" is text here, not a mapping (templates contain colons)
+        node[parts[-1]] = value
+    return out
+
+
+def format_errors(err: ValidationError, where: str, origins: list[tuple[str, dict[str, Any]]] | None = None) -> str:
+    """One line per problem, ``<file>: <path>: <message>``, the path as the user wrote it.
+
+    ``origins`` are the layers a run was merged from (label, dict), last wins; a path is reported under
+    the last layer that holds it, so a typo in ``defaults`` is not blamed on a run.
+    """
+    method_tags = set(registry.METHODS.names())
+    lines = []
+    for e in err.errors():
+        # Drop discriminator tags (e.g. 'lora' in method.lora.r) so the path is what the user wrote.
+        loc = [str(p) for i, p in enumerate(e["loc"])
+               if not (i > 0 and e["loc"][i - 1] == "method" and isinstance(p, str) and p in method_tags)]
+        path = ".".join(loc) or "(top level)"
+        prefix = where
+        for label, layer in reversed(origins or []):
+            if _has_path(layer, loc):
+                prefix = label
+                break
+        msg = "unknown key (misspelled?)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{prefix}{path}: {msg}")
+    return "\n".join(lines)
+
+
+def _has_path(d: Any, loc: list[str]) -> bool:
+    for part in loc:
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return bool(loc)
+
+
+def load_values(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read values file ({e.strerror})") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or "experiment" not in doc:
+        raise SpecError(f"{p}: no 'experiment' section (a values file holds the spec under 'experiment:')")
+    return doc
+
+
+def load_experiment(path: str | os.PathLike[str]) -> ExperimentFile:
+    doc = load_values(path)
+    try:
+        return ExperimentFile.model_validate(doc["experiment"])
+    except ValidationError as e:
+        raise SpecError(format_errors(e, f"{path}: experiment.")) from None
+
+
+def resolve_runs(
+    path: str | os.PathLike[str],
+    run: str | None = None,
+    overrides: list[str] | None = None,
+) -> list[Run]:
+    """Resolve the values file's runs (or the one named) into validated, checked specs, in file order."""
+    exp = load_experiment(path)
+    if run is not None and run not in exp.runs:
+        raise SpecError(f"{path}: no run named {run!r}; runs are: {', '.join(exp.runs)}")
+    names = [run] if run is not None else list(exp.runs)
+    sets = parse_set(overrides or [])
+    resolved = []
+    for name in names:
+        own = exp.runs[name] or {}
+        merged = deep_merge(deep_merge(exp.defaults, own), sets)
+        try:
+            spec = RunSpec.model_validate(merged)
+            check_run(spec)
+        except ValidationError as e:
+            origins = [(f"{path}: experiment.defaults.", exp.defaults), (f"{path}: experiment.runs.{name}.", own),
+                       ("--set ", sets)]
+            raise SpecError(format_errors(e, f"{path}: run {name!r}: ", origins)) from None
+        except SpecError as e:
+            raise SpecError(f"{path}: run {name!r}: {e}") from None
+        resolved.append(Run(experiment=exp.name, name=name, spec=spec, source=str(path)))
+    return resolved
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """``-f VALUES [--run NAME] [--set KEY=VALUE]``: how every spec-reading command names its runs."""
+    p.add_argument("-f", "--values", required=True, help="values file whose 'experiment' section is the spec")
+    p.add_argument("--run", help="run only this named run (default: every run, in file order)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set training.epochs=1 (repeatable)",
+    )

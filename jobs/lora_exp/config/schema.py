@@ -1,0 +1,328 @@
+"""The experiment spec: the one definition of what a run is.
+
+A values file (``values/*.yaml``) holds an ``experiment`` section::
+
+    experiment:
+      name: mnli-gpt2-large          # MLflow experiment
+      defaults: {...}                # fields shared by every run
+      runs:                          # a matrix: one entry per run
+        baseline: {job: eval, ...}   # deep-merged over ``defaults``
+        lora: {...}
+
+Each run is ``defaults`` deep-merged with the run's own fields, then ``--set`` overrides, then validated
+as a :class:`RunSpec` (``lora_exp.config.loading``). Every model uses ``extra="forbid"`` so a typo fails
+here, before any model loads, naming the key and the file. The CLI, the Helm chart's ``values.schema.json``
+and the docs all derive from these classes.
+
+The parts that plugins add come from the registries (``lora_exp.core.registry``): ``method`` is the
+union of the registered methods' spec classes (each method module defines its own), ``task.name`` and
+``formulation.kind`` are enums of the registered names. The models build lazily and rebuild when a plugin
+registers, so a method defined anywhere (a test file included) validates like a built-in one.
+
+This module imports no ML library, so ``lora-exp validate`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, model_validator
+from pydantic_core import CoreSchema, core_schema
+
+from lora_exp.core import registry
+from lora_exp.core.registry import Registry
+
+AUTO = "auto"  # formulation.kind: the task's natural formulation
+DEFAULT_METHOD = "lora"
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown keys are errors; schemas build on first use (see module doc)."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+
+class MethodSpec(Strict):
+    """Base of a method's spec class. A method module subclasses it with ``name: Literal["<name>"]``."""
+
+    name: str
+
+
+class _RegisteredNames:
+    """A string that must be a registered name (plus ``extra`` values): an enum in the JSON Schema."""
+
+    def __init__(self, reg: Registry[Any], *extra: str) -> None:
+        self.reg, self.extra = reg, extra
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.literal_schema([*self.extra, *self.reg.names()])
+
+
+class _RegisteredSpecs:
+    """One of the registered methods' spec classes, chosen by its ``name`` (a tagged union)."""
+
+    def __init__(self, reg: Registry[Any]) -> None:
+        self.reg = reg
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        choices = {name: handler.generate_schema(item.spec) for name, item in self.reg.items()}
+        names = ", ".join(choices)
+        return core_schema.tagged_union_schema(
+            choices, discriminator="name", custom_error_type="method_name",
+            custom_error_message=f"give the method's name: one of {names}",
+        )
+
+
+def _default_method() -> MethodSpec:
+    spec: type[MethodSpec] = registry.METHODS.get(DEFAULT_METHOD).spec  # type: ignore[attr-defined]
+    return spec(name=DEFAULT_METHOD)
+
+
+class ModelSpec(Strict):
+    """The pretrained model to adapt."""
+
+    name: str = Field(description="Hub id (e.g. gpt2-large) or a local directory holding a saved model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Dtype the base weights load in; 'auto' keeps the checkpoint's dtype."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off: it executes remote code.")
+    max_length: int = Field(512, ge=8, description="Tokens per example after truncation.")
+
+
+class TaskSpec(Strict):
+    """Which task: a registered one (mnli, mrpc, sst2, rte, cola, imdb) or ``custom``."""
+
+    name: Annotated[str, _RegisteredNames(registry.TASKS)] = Field(
+        description="A registered task, or 'custom' for a task defined by the fields below."
+    )
+    text_fields: list[str] | None = Field(
+        None, description="custom: the input column(s), in order. Registered tasks know theirs."
+    )
+    label_field: str | None = Field(None, description="custom: the label column (default 'label').")
+    labels: list[str] | None = Field(
+        None, description="custom: the label names; data labels may be these names or their 0-based indices."
+    )
+    eval_splits: list[str] | None = Field(
+        None, description="Splits evaluated at the end, reported separately (default: the task's own)."
+    )
+    doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by overlapping context windows (128).")
+    max_answer_length: int | None = Field(None, ge=1, description="qa: longest answer span in tokens (30).")
+
+
+class DataSpec(Strict):
+    """Where the rows come from and how many are used."""
+
+    hub_path: str | None = Field(None, description="Override the task's hub data set id.")
+    hub_config: str | None = Field(None, description="Override the task's hub data set config.")
+    data_files: dict[str, str | list[str]] | None = Field(
+        None,
+        description="Local files per split (JSONL, JSON, CSV or parquet), e.g. {train: a.jsonl, validation: b.jsonl}."
+        " When set, the hub is not used.",
+    )
+    max_train_samples: int | None = Field(None, ge=1, description="Random subset of the training split (seeded).")
+    max_eval_samples: int | None = Field(None, ge=1, description="First N rows of each eval split.")
+    data_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="Use this share of the (shuffled) training split (seed 003 used 0.1)."
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this share of the training subset as an internal validation split."
+    )
+    seed: int = Field(42, description="Seed for subsetting and the internal split.")
+
+
+class FormulationSpec(Strict):
+    """How a labelled example meets the model.
+
+    ``classifier``: a classification head over the last token of the rendered template.
+    ``verbalizer``: the LM scores each label word after the prompt (seed 000's
+    ``Premise: … Hypothesis: … Relationship: {label}``); training is causal-LM loss on the label word.
+    ``span``: extractive QA, start/end logits over the context (SQuAD v2).
+    ``causal_lm``: next-token prediction over fixed-size blocks (WikiText).
+    """
+
+    kind: Annotated[str, _RegisteredNames(registry.FORMULATIONS, AUTO)] = Field(
+        AUTO,
+        description="auto: the task's natural one (classifier for classification, span for QA, causal_lm for "
+        "language modelling).",
+    )
+    template: str | None = Field(
+        None, description="Python format string over the task's text fields; default: the task's own."
+    )
+    prompt_suffix: str | None = Field(
+        None, description="verbalizer: text after the template that asks for the label; default the task's "
+        "(e.g. '\\nRelationship:')."
+    )
+    verbalizers: dict[str, str] | None = Field(
+        None, description="verbalizer: label name -> the word the LM should produce (default ' <label name>')."
+    )
+
+
+class EarlyStoppingSpec(Strict):
+    metric: str = Field("accuracy", description="Eval metric watched (without the eval_ prefix).")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    greater_is_better: bool = True
+
+
+class TrainingSpec(Strict):
+    """Optimisation and cadence; maps onto transformers' TrainingArguments."""
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
+    learning_rate: float = Field(2e-4, gt=0)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Mixed precision; 'auto' = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    group_by_length: bool = Field(True, description="Batch similar lengths together: less padding.")
+    eval_strategy: Literal["steps", "epoch", "no"] = "epoch"
+    eval_steps: int | None = Field(None, ge=1)
+    save_strategy: Literal["steps", "epoch", "no"] = "epoch"
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    early_stopping: EarlyStoppingSpec | None = None
+    zero_stage: Literal[0, 2, 3] = Field(
+        0, description="DeepSpeed ZeRO stage (0 = off). Shards optimizer state (2) and parameters (3) across GPUs."
+    )
+    zero_offload: bool = Field(False, description="ZeRO: keep optimizer state (and stage-3 parameters) in CPU memory.")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _cadence(self) -> TrainingSpec:
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy 'steps' needs eval_steps")
+        if self.save_strategy == "steps" and self.save_steps is None:
+            raise ValueError("save_strategy 'steps' needs save_steps")
+        if self.early_stopping and self.eval_strategy == "no":
+            raise ValueError("early_stopping needs an eval_strategy other than 'no'")
+        if self.early_stopping and (self.save_strategy, self.save_steps) != (self.eval_strategy, self.eval_steps):
+            raise ValueError("early_stopping keeps the best checkpoint: save_strategy/save_steps must equal "
+                             "eval_strategy/eval_steps")
+        return self
+
+
+class TrackingSpec(Strict):
+    """Where the run is recorded in MLflow."""
+
+    experiment_name: str | None = Field(None, description="MLflow experiment (default: the values file's name).")
+    run_name: str | None = Field(None, description="MLflow run name (default: the run's key).")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else a local store "
+        "(sqlite:///mlflow.db plus ./mlartifacts) in the working directory.",
+    )
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class EvalSpec(Strict):
+    """What an eval job evaluates (neither source set: the base model as is, the baseline), and how
+    language-model generations are sampled for BLEU/ROUGE/etc."""
+
+    model_path: str | None = Field(None, description="A trained artifact directory (adapter, head or full model).")
+    mlflow_run_id: str | None = Field(None, description="Evaluate the model artifact logged by this MLflow run.")
+    generation_samples: int = Field(32, ge=0, description="lm: held-out blocks continued by the model (0: skip).")
+    prompt_tokens: int = Field(32, ge=1, description="lm: tokens of each held-out block given as the prompt.")
+    max_new_tokens: int = Field(32, ge=1, description="lm: tokens generated and compared with the true continuation.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSpec:
+        if self.model_path and self.mlflow_run_id:
+            raise ValueError("give model_path or mlflow_run_id, not both")
+        return self
+
+
+class TeacherSpec(Strict):
+    """The fine-tuned teacher: one of a run of this values file, an artifact path, or an MLflow run."""
+
+    run: str | None = Field(None, description="A train run of this experiment: <output_root>/<experiment>/<run>/final.")
+    model_path: str | None = Field(None, description="A lora-exp artifact directory (adapter, head or full model).")
+    mlflow_run_id: str | None = Field(None, description="The MLflow run whose 'model' artifact is the teacher.")
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherSpec:
+        if sum(x is not None for x in (self.run, self.model_path, self.mlflow_run_id)) != 1:
+            raise ValueError("give exactly one of run, model_path, mlflow_run_id")
+        return self
+
+
+class StudentSpec(Strict):
+    """The small model trained from the teacher's outputs; it uses the teacher's tokenizer."""
+
+    kind: Literal["rnn", "transformer"] = Field("rnn", description="rnn: seed 004's DistilRNN; transformer: GPT-2.")
+    embedding_dim: int = Field(768, ge=1, description="rnn: token embedding size.")
+    hidden_size: int = Field(768, ge=1, description="rnn: recurrent state size; transformer: model width.")
+    num_layers: int = Field(1, ge=1, description="Recurrent or transformer layers.")
+    num_heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden_size).")
+
+
+class DistillSpec(Strict):
+    """Knowledge distillation: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+
+    teacher: TeacherSpec
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the distillation term; 0 = no KD (plain CE).")
+    temperature: float = Field(2.0, gt=0.0, description="Softens both distributions (seed 004: 2).")
+
+
+class RunSpec(Strict):
+    """One fully resolved run: what a single Kubernetes Job or local command executes."""
+
+    job: Literal["train", "eval", "distill"] = Field(
+        "train", description="train: fine-tune then evaluate; eval: evaluate only; distill: train a student."
+    )
+    model: ModelSpec
+    task: TaskSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    method: Annotated[MethodSpec, _RegisteredSpecs(registry.METHODS)] = Field(
+        default_factory=_default_method,
+        description="How the model is adapted: a registered method (lora, qlora, head_only, full, ...) and its "
+        "settings.",
+    )
+    formulation: FormulationSpec = Field(default_factory=FormulationSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    distill: DistillSpec | None = Field(None, description="distill jobs: teacher, student and loss weights.")
+    output_root: str = Field("outputs", description="Checkpoints and results go to <output_root>/<experiment>/<run>.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RunSpec:
+        # Checks that need a task's or method's knowledge run in their modules (``check_spec``), called by
+        # ``lora_exp.config.loading.check_run`` once the fields themselves are valid.
+        if (self.job == "distill") != (self.distill is not None):
+            raise ValueError("job 'distill' and the distill section go together")
+        return self
+
+
+class ExperimentFile(Strict):
+    """The ``experiment`` section of a values file: shared defaults and a matrix of named runs."""
+
+    name: str = Field(description="Experiment name: MLflow experiment and output folder.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Fields shared by every run (a RunSpec, partial)."
+    )
+    runs: dict[str, dict[str, Any]] = Field(description="Run name -> its fields (a RunSpec, partial), over defaults.")
+
+
+
+
+# Models whose schema embeds a registry, in build order (a model's schema embeds those above it).
+_REGISTRY_MODELS: tuple[type[BaseModel], ...] = (TaskSpec, FormulationSpec, RunSpec)
+
+
+def _rebuild() -> None:
+    """A plugin registered after the models were built: rebuild them so its name and spec validate."""
+    for model in _REGISTRY_MODELS:
+        if model.__pydantic_complete__:
+            model.model_rebuild(force=True)
+
+
+registry.on_change(_rebuild)

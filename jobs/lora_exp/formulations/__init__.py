@@ -1,0 +1,13 @@
+"""Formulations: classifier, verbalizer, span (QA) and causal_lm, one module each, registered by kind."""
+
+from lora_exp.formulations.base import (
+    Formulation,
+    FormulationType,
+    build_formulation,
+    formulation_type,
+    map_batches,
+    register_formulation,
+)
+
+__all__ = ["Formulation", "FormulationType", "build_formulation", "formulation_type", "map_batches",
+           "register_formulation"]

@@ -1,0 +1,84 @@
+"""What the classification formulations share: a ``(batch, num_labels)`` score matrix per batch.
+
+Both the classifier and the verbalizer reduce the model's output to per-label scores in
+``preprocess_logits``, so metrics, predictions, reports and plots are one code path for every
+classification formulation and method. ``write_split_outputs`` writes a split's results.json,
+predictions.csv, report.json and confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from lora_exp.core.plots import confusion_matrix_chart
+from lora_exp.formulations.base import map_batches
+from lora_exp.tasks import CLASSIFICATION, ClassificationTask
+
+
+def render(template: str, batch: dict[str, list[Any]], fields: tuple[str, ...]) -> list[str]:
+    """The template filled with each row's text fields."""
+    n = len(batch[fields[0]])
+    return [template.format(**{f: batch[f][i] for f in fields}) for i in range(n)]
+
+
+class ClassificationFormulation:
+    """Shared by the classification formulations: tokenize with ``encode``, score, evaluate."""
+
+    task_kinds: ClassVar[tuple[str, ...]] = (CLASSIFICATION,)
+    prediction_loss_only: ClassVar[bool] = False
+    kind: ClassVar[str]
+    task: ClassificationTask
+
+    def encode(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        raise NotImplementedError
+
+    def gold(self, label_ids: np.ndarray) -> np.ndarray:
+        """The gold label ids of a batch's ``labels`` as the collator padded them."""
+        raise NotImplementedError
+
+    def tokenize(self, ds: Any) -> Any:
+        return map_batches(ds, self.encode, f"tokenizing ({self.kind})")
+
+    def compute_metrics(self, p: Any) -> dict[str, float]:
+        return self.task.score(self.gold(p.label_ids), p.predictions.argmax(axis=1))
+
+    def evaluate(self, trainer: Any, raw: Any, split: str, out_dir: Path) -> dict[str, float]:
+        pred = trainer.predict(self.tokenize(raw), metric_key_prefix=split)
+        if not trainer.is_world_process_zero():
+            return {}
+        metrics = write_split_outputs(out_dir, split, self.task, raw, pred.predictions, self.gold(pred.label_ids))
+        metrics["loss"] = pred.metrics.get(f"{split}_loss", float("nan"))
+        return metrics
+
+
+def write_split_outputs(out_dir: Path, split: str, task: ClassificationTask, rows: Any, scores: np.ndarray,
+                        gold: np.ndarray) -> dict[str, float]:
+    """Write results.json, predictions.csv, report.json and confusion_matrix.png for one eval split."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred = scores.argmax(axis=1)
+    metrics = task.score(gold, pred)
+    metrics["samples"] = len(gold)
+    (out_dir / "results.json").write_text(json.dumps({"split": split, "task": task.name, **metrics}, indent=2))
+
+    with (out_dir / "predictions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", *task.text_fields, "label", "prediction", "correct", *(f"score_{n}" for n in task.labels)])
+        for i in range(len(gold)):
+            texts = [rows[f][i] for f in task.text_fields]
+            w.writerow([i, *texts, task.labels[gold[i]], task.labels[pred[i]], bool(gold[i] == pred[i]),
+                        *(f"{s:.6g}" for s in scores[i])])
+
+    labels = list(range(task.num_labels))
+    report = classification_report(gold, pred, labels=labels, target_names=list(task.labels),
+                                   output_dict=True, zero_division=0)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    cm = confusion_matrix(gold, pred, labels=labels)
+    confusion_matrix_chart(cm.tolist(), task.labels, f"{task.name} / {split}", out_dir / "confusion_matrix.png")
+    return metrics

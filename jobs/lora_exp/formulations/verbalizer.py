@@ -1,0 +1,95 @@
+"""``verbalizer``: the causal LM reads ``template + prompt_suffix`` and is trained (causal-LM loss) to
+produce the label's word; the scores are the log-probabilities of each label word's first token at the
+answer position. First-token scoring is exact when label words start with distinct tokens, which is
+checked when the tokenizer loads. The untrained model scored this way is the zero-shot baseline
+(seed 000's ``Premise: ... Hypothesis: ... Relationship: {label}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from lora_exp.core.errors import SpecError
+from lora_exp.formulations.base import register_formulation
+from lora_exp.formulations.classification import ClassificationFormulation, render
+from lora_exp.tasks import ClassificationTask
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
+
+
+@register_formulation
+@dataclass
+class Verbalizer(ClassificationFormulation):
+    task: ClassificationTask
+    tokenizer: Any
+    template: str
+    max_length: int
+    words: dict[str, str]
+    suffix: str
+    kind: ClassVar[str] = "verbalizer"
+    has_head: ClassVar[bool] = False
+    model_class: ClassVar[str] = "AutoModelForCausalLM"
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    word_ids: list[list[int]] = field(init=False)
+    first_ids: list[int] = field(init=False)
+
+    @classmethod
+    def build(cls, task: ClassificationTask, spec: RunSpec, tokenizer: Any) -> Verbalizer:
+        words = spec.formulation.verbalizers or {label: " " + label for label in task.labels}
+        suffix = task.prompt_suffix if spec.formulation.prompt_suffix is None else spec.formulation.prompt_suffix
+        return cls(task, tokenizer, spec.formulation.template or task.template, spec.model.max_length, words, suffix)
+
+    def __post_init__(self) -> None:
+        self.word_ids = [
+            self.tokenizer(self.words[label], add_special_tokens=False)["input_ids"] for label in self.task.labels
+        ]
+        if any(not ids for ids in self.word_ids):
+            raise SpecError("formulation.verbalizers: a label word tokenizes to nothing")
+        self.first_ids = [ids[0] for ids in self.word_ids]
+        if len(set(self.first_ids)) != len(self.first_ids):
+            pairs = zip(self.task.labels, self.first_ids, strict=True)
+            clash = [self.words[lab] for lab, t in pairs if self.first_ids.count(t) > 1]
+            raise SpecError(
+                f"formulation.verbalizers: label words {clash} start with the same token; choose words whose "
+                "first tokens differ (scoring reads the first token)"
+            )
+
+    def encode(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        prompts = [p + self.suffix for p in render(self.template, batch, self.task.text_fields)]
+        enc = self.tokenizer(prompts)
+        out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt_ids, label in zip(enc["input_ids"], batch["label"], strict=True):
+            target = self.word_ids[label]
+            keep = self.max_length - len(target)
+            if len(prompt_ids) > keep:  # keep the end: the question sits there; the text's start is dropped
+                prompt_ids = prompt_ids[len(prompt_ids) - keep :]
+            ids = list(prompt_ids) + target
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append([-100] * len(prompt_ids) + target)
+        return out
+
+    def collator(self) -> Any:
+        from transformers import DataCollatorForSeq2Seq
+
+        # Works for decoder-only models too: pads input_ids with the pad token and labels with -100.
+        return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
+
+    def preprocess_logits(self, logits: Any, labels: Any) -> Any:
+        import torch
+
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        answer = (labels != -100).int().argmax(dim=1)  # first label-word position
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        at = logits[rows, answer - 1].float().log_softmax(dim=-1)  # the distribution that predicts it
+        return at[:, torch.tensor(self.first_ids, device=logits.device)]
+
+    def gold(self, label_ids: np.ndarray) -> np.ndarray:
+        label_ids = np.asarray(label_ids)
+        first = label_ids[np.arange(len(label_ids)), (label_ids != -100).argmax(axis=1)]
+        lookup = {t: i for i, t in enumerate(self.first_ids)}
+        return np.array([lookup[int(t)] for t in first])

@@ -1,0 +1,102 @@
+"""The distill job: teacher logits (computed once, cached), a fresh student, the KD loss, then the same
+training path as every method (``lora_exp.runtime.fit``): this module only builds the ``Prepared`` bundle
+(datasets carrying ``teacher_logits``, a ``KDStudent`` model) that path consumes."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_exp.config.loading import Run
+from lora_exp.config.schema import RunSpec
+from lora_exp.core import tags
+from lora_exp.core.errors import SpecError, UserError
+from lora_exp.core.layout import SPEC_FILE, artifact_run_dir
+from lora_exp.formulations import build_formulation
+from lora_exp.formulations.classifier import Classifier
+from lora_exp.methods import get_method
+from lora_exp.runtime.artifacts import load_trained, locate_artifact, read_spec
+from lora_exp.runtime.data import load_splits, subsample
+from lora_exp.runtime.fit import finished_metrics, fit
+from lora_exp.runtime.models import load_tokenizer
+from lora_exp.runtime.prepare import Prepared
+from lora_exp.runtime.students import KDStudent, build_student
+from lora_exp.runtime.tracking import run_tracking_uri
+from lora_exp.runtime.trainer import prediction_trainer, seed_everything
+from lora_exp.tasks import ClassificationTask, Task, get_task
+
+log = logging.getLogger(__name__)
+TEACHER_CACHE = "teacher_logits.npy"
+
+
+def distill(run: Run) -> dict[str, float]:
+    done = finished_metrics(run)
+    if done is not None:
+        return done
+    return fit(run, prepare_distill(run))
+
+
+def resolve_teacher(run: Run, tmp: Path) -> tuple[Path, str]:
+    """The teacher's artifact dir and a label for tags (its MLflow run id when known)."""
+    assert run.spec.distill is not None
+    t = run.spec.distill.teacher
+    model_path = t.model_path
+    if t.run:  # a run of this experiment: say which one must finish first
+        model_path = str(run.output_dir.parent / t.run / "final")
+        if not (Path(model_path) / SPEC_FILE).is_file():
+            raise UserError(f"distill.teacher: no lora-exp artifact at {model_path}; train run {t.run!r} first")
+    path = locate_artifact(model_path, t.mlflow_run_id, tmp, run_tracking_uri(run))
+    if t.mlflow_run_id:
+        return path, t.mlflow_run_id
+    return path, artifact_run_dir(path).mlflow_run_id() or str(path)
+
+
+def teacher_logits(run: Run, teacher_dir: Path, teacher_spec: RunSpec, task: Task, train_raw: Any, tokenizer: Any,
+                   tmp: Path) -> np.ndarray:
+    """The teacher's per-label scores on the training rows, cached in the run's output dir."""
+    cache = run.output_dir / TEACHER_CACHE
+    if cache.is_file():
+        cached = np.load(cache)
+        if len(cached) == len(train_raw):
+            log.info("teacher logits from cache %s", cache)
+            return np.asarray(cached)
+    form = build_formulation(teacher_spec, task, tokenizer)
+    model, source = load_trained(teacher_spec, teacher_dir, form, tokenizer, task)
+    log.info("computing teacher logits (%s) for %d rows", source, len(train_raw))
+    trainer = prediction_trainer(model, form, tokenizer, run.spec.training.per_device_eval_batch_size, tmp)
+    scores = np.asarray(trainer.predict(form.tokenize(train_raw)).predictions, dtype=np.float32)
+    if trainer.is_world_process_zero():
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        np.save(cache, scores)
+    return scores
+
+
+def prepare_distill(run: Run) -> Prepared:
+    """Data (checked first) -> teacher logits -> student; the same ``Prepared`` as ``runtime.prepare``."""
+    spec = run.spec
+    d = spec.distill
+    assert d is not None
+    task = get_task(spec)
+    if not isinstance(task, ClassificationTask):
+        raise SpecError(f"job distill: task {task.name!r} is not a classification task")
+    train_raw, val_raw, evals_raw = subsample(spec, task, load_splits(spec, task))
+    with tempfile.TemporaryDirectory(prefix="lora-exp-teacher-") as tmp:
+        teacher_dir, teacher_id = resolve_teacher(run, Path(tmp))
+        teacher_spec = read_spec(teacher_dir)
+        tokenizer = load_tokenizer(teacher_spec.model)  # the student reads the teacher's tokens
+        form = Classifier(task, tokenizer, spec.formulation.template or task.template, spec.model.max_length)
+        train_ds = form.tokenize(train_raw)
+        if d.alpha > 0:
+            logits = teacher_logits(run, teacher_dir, teacher_spec, task, train_raw, tokenizer, Path(tmp))
+            train_ds = train_ds.add_column("teacher_logits", logits.tolist())
+    seed_everything(spec.training.seed)  # the student initialises from the run's seed
+    student = build_student(spec, len(tokenizer), task.num_labels, tokenizer.pad_token_id)
+    model = KDStudent(student, d.alpha, d.temperature)
+    run_tags = {tags.KD: tags.kd_value(d.alpha > 0), tags.TEACHER_RUN_ID: teacher_id,
+                tags.STUDENT: d.student.kind}
+    return Prepared(task, tokenizer, form, get_method("full"), model, train_ds, form.tokenize(val_raw), evals_raw,
+                    run_tags)

@@ -1,0 +1,60 @@
+"""The eval job: the base model as is (the baseline), a trained artifact, or an MLflow run's model, on each
+eval split, logged as its own MLflow run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from lora_exp.config.loading import Run
+from lora_exp.core import tags
+from lora_exp.core.errors import UserError
+from lora_exp.formulations import build_formulation
+from lora_exp.runtime.artifacts import load_trained, locate_artifact
+from lora_exp.runtime.data import load_splits, subsample
+from lora_exp.runtime.evaluation import evaluate_splits
+from lora_exp.runtime.models import load_tokenizer
+from lora_exp.runtime.tracking import mlflow_run, run_tracking_uri
+from lora_exp.runtime.trainer import prediction_trainer
+from lora_exp.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def resolve_artifact(run: Run, tmp: Path) -> Path | None:
+    """Where the model to evaluate lives: eval.model_path, eval.mlflow_run_id, this train run's own
+    artifact, or None for the base model (the baseline)."""
+    e = run.spec.eval
+    if e.model_path or e.mlflow_run_id:
+        return locate_artifact(e.model_path, e.mlflow_run_id, tmp, run_tracking_uri(run))
+    if run.spec.job == tags.DISTILL:
+        raise UserError(f"run {run.name}: a distill job evaluates its student itself; see {run.dir.eval_dir}")
+    if run.spec.job == tags.TRAIN:
+        own = run.dir.final
+        if not own.is_dir():
+            raise UserError(f"run {run.name}: no trained model at {own}; train it first (lora-exp train)")
+        return own
+    return None
+
+
+def evaluate_run(run: Run) -> dict[str, float]:
+    """Load data (checked first), the model, predict each eval split, log a new MLflow run."""
+    spec = run.spec
+    task = get_task(spec)
+    eval_spec = spec.model_copy(update={"job": tags.EVAL})
+    _, _, evals_raw = subsample(eval_spec, task, load_splits(eval_spec, task))
+    with tempfile.TemporaryDirectory(prefix="lora-exp-eval-") as tmp:
+        artifact = resolve_artifact(run, Path(tmp))
+        tokenizer = load_tokenizer(spec.model)
+        form = build_formulation(spec, task, tokenizer)
+        model, source = load_trained(spec, artifact, form, tokenizer, task)
+        log.info("evaluating %s on %s (%s)", source, task.name, ", ".join(evals_raw))
+        out = run.dir.eval_job_dir
+        trainer = prediction_trainer(model, form, tokenizer, spec.training.per_device_eval_batch_size, Path(tmp))
+        with mlflow_run(run, tags.EVAL) as tracker:
+            tracker.set_tags({tags.EVAL_SOURCE: source})
+            metrics = evaluate_splits(trainer, form, evals_raw, out, tracker)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

