@@ -36,6 +36,28 @@ def toy_rows(n: int, seed: int = 0, label_key: str = "label", text_key: str = "t
     return rows
 
 
+def qa_rows(n: int) -> list[dict[str, Any]]:
+    """SQuAD v2-shaped rows: a third unanswerable, the rest answered by a span of the context."""
+    rows = []
+    for i in range(n):
+        name = ["Alice", "Bob", "Carol", "Dave"][i % 4]
+        city = ["Paris", "Rome", "Oslo", "Lima"][i % 4]
+        context = f"the movie was great and {name} lives in {city} with a cat. the plot was dull."
+        if i % 3 == 2:  # unanswerable
+            rows.append({"id": f"q{i}", "question": f"Where does {name}'s dog live?", "context": context,
+                         "answers": {"text": [], "answer_start": []}})
+        else:
+            rows.append({"id": f"q{i}", "question": f"Where does {name} live?", "context": context,
+                         "answers": {"text": [city], "answer_start": [context.index(city)]}})
+    return rows
+
+
+def text_rows(n: int) -> list[dict[str, Any]]:
+    """WikiText-shaped rows: one line of text each."""
+    words = "the movie was great and the plot was fun but the cast was dull and the story was messy".split()  # noqa: SIM905
+    return [{"text": " ".join(words[(i + j) % len(words)] for j in range(12)) + "\n"} for i in range(n)]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -64,3 +64,34 @@ def test_kd_and_no_kd_students_from_a_trained_teacher(student, tmp_path, tiny_gp
     assert (out / "kd" / "teacher_logits.npy").exists()  # computed once, reused on resume
     assert not (out / "no-kd" / "teacher_logits.npy").exists()  # no KD, no teacher pass
     assert (out / "kd" / "final" / "model.safetensors").exists()
+
+
+def test_a_kd_student_learns_what_its_teacher_says_not_the_labels(tmp_path, tiny_gpt2, toy_data, monkeypatch):
+    """With alpha = 1 the labels play no part: a teacher that always names the wrong label must turn the
+    student against the gold labels. A student that ignored the teacher's logits would learn the labels."""
+    import numpy as np
+
+    from lora_exp.config.loading import resolve_runs
+    from lora_exp.pipelines import distill as distill_pipeline
+    from lora_exp.pipelines.distill import distill
+    from lora_exp.pipelines.train import train
+
+    def contrary_teacher(run, teacher_dir, teacher_spec, task, train_raw, tokenizer, tmp):
+        wrong = 1 - np.asarray(train_raw["label"])
+        return (np.eye(2, dtype=np.float32)[wrong] - 0.5) * 16.0  # confident and always wrong
+
+    monkeypatch.setattr(distill_pipeline, "teacher_logits", contrary_teacher)
+    student = {"kind": "rnn", "embedding_dim": 32, "hidden_size": 32}
+    kd = {"teacher": {"run": "teacher"}, "student": student, "temperature": 1.0}
+    train_opts = {"epochs": 12, "learning_rate": 1e-2, "eval_strategy": "no", "save_strategy": "no"}
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
+        "teacher": {"method": {"name": "lora", "r": 2}, "training": {"max_steps": 1}},
+        "kd": {"job": "distill", "distill": {**kd, "alpha": 1.0}, "training": train_opts},
+        "labels": {"job": "distill", "distill": {**kd, "alpha": 0.0}, "training": train_opts},
+    }))
+    teacher, kd_run, labels_run = resolve_runs(values)
+    train(teacher)
+    followed = distill(kd_run)["validation_accuracy"]
+    learned = distill(labels_run)["validation_accuracy"]
+    assert learned >= 0.75  # the labels are learnable in this budget...
+    assert followed <= 0.25  # ...and the KD student learnt the teacher's (wrong) answers instead

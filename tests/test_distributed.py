@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (a test dependency: a missing DeepSpeed fails here rather than skipping)
 import pytest
 
 from support import experiment, mlflow_client, write_values
 
-pytest.importorskip("deepspeed")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 

@@ -52,12 +52,41 @@ def test_export_then_reload_gives_the_same_logits_as_base_plus_adapter(formulati
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_generate_from_base_and_adapter(tmp_path, tiny_gpt2, toy_data):
-    proc = run_cli("generate", "--model", str(tiny_gpt2), "--prompt", "the movie was", "--max-new-tokens", "5",
+def _greedy(model, tokenizer, prompt: str, n: int) -> str:
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_prints_the_continuation_of_the_base_and_of_base_plus_adapter(tmp_path, tiny_gpt2, toy_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    prompt = "the movie was"
+    proc = run_cli("generate", "--model", str(tiny_gpt2), "--prompt", prompt, "--max-new-tokens", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base_text = _greedy(AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval(), tok, prompt, 8)
+    assert base_text.strip()
+    assert f"--- prompt: {prompt!r}\n{prompt}{base_text}\n" in proc.stdout
+
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, formulation={"kind": "verbalizer"},
+                                               runs={"lm": {"method": {"name": "lora", "r": 4},
+                                                            "training": {"learning_rate": 5e-2}}}))
+    (run,) = resolve_runs(values)
+    train(run)
+    adapter = run.output_dir / "final"
+    proc = run_cli("generate", "--model-path", str(adapter), "--prompt", prompt, "--max-new-tokens", "8",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--- prompt: 'the movie was'" in proc.stdout
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), adapter).eval()
+    tuned_text = _greedy(tuned, tok, prompt, 8)
+    assert tuned_text.strip() and tuned_text != base_text  # the adapter changed what the model writes
+    assert f"--- prompt: {prompt!r}\n{prompt}{tuned_text}\n" in proc.stdout
 
+
+def test_generate_refuses_a_model_without_a_language_model_head(tmp_path, tiny_gpt2, toy_data):
     values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={"head": {
         "method": {"name": "head_only"}, "training": {"max_steps": 2}}}))
     (run,) = resolve_runs(values)

@@ -13,7 +13,7 @@ import pytest
 
 from lora_exp.metrics.generation import LEXNAMES, generation_metrics
 from lora_exp.metrics.squad import compute_exact, compute_f1, normalize_answer, squad_v2_metrics
-from support import mlflow_client, run_cli, write_jsonl, write_values
+from support import mlflow_client, qa_rows, run_cli, text_rows, write_jsonl, write_values
 
 
 def test_squad_v2_metrics_match_official_definitions_on_hand_worked_examples():
@@ -37,21 +37,6 @@ def test_squad_v2_metrics_match_official_definitions_on_hand_worked_examples():
     assert (m["NoAns_exact"], m["NoAns_f1"], m["NoAns_total"]) == pytest.approx((50.0, 50.0, 2))
 
 
-def _qa_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        name = ["Alice", "Bob", "Carol", "Dave"][i % 4]
-        city = ["Paris", "Rome", "Oslo", "Lima"][i % 4]
-        context = f"the movie was great and {name} lives in {city} with a cat. the plot was dull."
-        if i % 3 == 2:  # unanswerable
-            rows.append({"id": f"q{i}", "question": f"Where does {name}'s dog live?", "context": context,
-                         "answers": {"text": [], "answer_start": []}})
-        else:
-            rows.append({"id": f"q{i}", "question": f"Where does {name} live?", "context": context,
-                         "answers": {"text": [city], "answer_start": [context.index(city)]}})
-    return rows
-
-
 def _doc(model: Path, tmp: Path, task: dict, data: dict, runs: dict, max_length: int) -> dict:
     return {"experiment": {"name": "toy", "defaults": {
         "model": {"name": str(model), "max_length": max_length},
@@ -65,19 +50,26 @@ def _doc(model: Path, tmp: Path, task: dict, data: dict, runs: dict, max_length:
 
 
 def test_squad_v2_lora_end_to_end_with_windows(tmp_path, tiny_gpt2):
-    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", _qa_rows(24))),
-            "validation": str(write_jsonl(tmp_path / "val.jsonl", _qa_rows(9)))}
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", qa_rows(24))),
+            "validation": str(write_jsonl(tmp_path / "val.jsonl", qa_rows(9)))}
     # max_length 40 < question + context: every example is split into overlapping windows.
     doc = _doc(tiny_gpt2, tmp_path, {"name": "squad_v2", "doc_stride": 8}, data,
-               {"lora": {"method": {"name": "lora", "r": 2}}}, max_length=40)
-    proc = run_cli("train", "-f", str(write_values(tmp_path, doc)), cwd=tmp_path)
+               {"lora": {"method": {"name": "lora", "r": 2}},
+                "reeval": {"job": "eval", "eval": {"model_path": str(tmp_path / "outputs/toy/lora/final")}}},
+               max_length=40)
+    proc = run_cli("run", "-f", str(write_values(tmp_path, doc)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((tmp_path / "outputs/toy/lora/eval/validation/results.json").read_text())
     assert results["total"] == 9 and results["HasAns_total"] == 6 and results["NoAns_total"] == 3
     for key in ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"):
         assert 0.0 <= results[key] <= 100.0
+    # Answers are matched to their questions by position: the eval job (plain order) must agree exactly.
+    reeval = tmp_path / "outputs/toy/reeval/eval-job/validation"
+    assert (reeval / "predictions.csv").read_text() == (tmp_path / "outputs/toy/lora/eval/validation/"
+                                                        "predictions.csv").read_text()
     client = mlflow_client(tmp_path)
-    (run,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])}
+    run = runs["lora"]
     assert run.data.metrics["validation_f1"] == pytest.approx(results["f1"])
     assert "eval_loss" in run.data.metrics  # in-training evaluation reports the loss
     preds = (tmp_path / "outputs/toy/lora/eval/validation/predictions.csv").read_text().splitlines()
@@ -87,17 +79,12 @@ def test_squad_v2_lora_end_to_end_with_windows(tmp_path, tiny_gpt2):
 def test_squad_rows_are_checked(tmp_path, tiny_gpt2):
     from lora_exp.cli import main
 
-    rows = _qa_rows(3)
+    rows = qa_rows(3)
     rows[1]["answers"]["answer_start"] = [0]
     data = {"train": str(write_jsonl(tmp_path / "train.jsonl", rows)),
-            "validation": str(write_jsonl(tmp_path / "val.jsonl", _qa_rows(3)))}
+            "validation": str(write_jsonl(tmp_path / "val.jsonl", qa_rows(3)))}
     doc = _doc(tiny_gpt2, tmp_path, {"name": "squad_v2"}, data, {"lora": {}}, max_length=24)
     assert main(["validate", "-f", str(write_values(tmp_path, doc))]) == 2
-
-
-def _text_rows(n: int) -> list[dict]:
-    words = "the movie was great and the plot was fun but the cast was dull and the story was messy".split()  # noqa: SIM905
-    return [{"text": " ".join(words[(i + j) % len(words)] for j in range(12)) + "\n"} for i in range(n)]
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])
@@ -105,8 +92,8 @@ def test_wikitext_style_lm_perplexity_and_generation_metrics(method, tmp_path, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", _text_rows(40))),
-            "validation": str(write_jsonl(tmp_path / "val.jsonl", _text_rows(12)))}
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", text_rows(40))),
+            "validation": str(write_jsonl(tmp_path / "val.jsonl", text_rows(12)))}
     doc = _doc(tiny_llama, tmp_path, {"name": "wikitext"}, data, {"run": {"method": method}}, max_length=16)
     proc = run_cli("train", "-f", str(write_values(tmp_path, doc)), cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -162,3 +149,73 @@ def test_lexnames_match_the_wordnet_manual():
     with gzip.open(page, "rt") as fh:
         rows = [line.split("\t") for line in fh if line[:2].isdigit() and "\t" in line]
     assert [r[1].strip() for r in rows] == LEXNAMES
+
+
+def test_span_postprocess_on_hand_made_windows():
+    """Best span over all windows vs the no-answer score, by hand: question tokens, spans that end before
+    they start or run past max_answer_length are never answers."""
+    import numpy as np
+
+    from lora_exp.formulations.span import SpanExtraction
+    from lora_exp.tasks.squad_v2 import SQUAD_V2
+
+    context = "Alice lives in Paris with a cat."
+    words = [(0, 5), (6, 11), (12, 14), (15, 20), (21, 25), (26, 27), (28, 31)]  # Alice lives in Paris with a cat
+    window = [None, None, *[list(w) for w in words]]  # positions 0-1: question tokens (0 is the no-answer slot)
+    second = [None, None, [15, 20], [21, 25], [26, 27], [28, 31]]  # a later window: Paris with a cat
+    span = SpanExtraction(SQUAD_V2, tokenizer=None, max_length=9, doc_stride=4, max_answer_length=3)
+
+    def logits(n: int, **at: float) -> np.ndarray:
+        out = np.full(n, -10.0)
+        for pos, value in at.items():
+            out[int(pos.removeprefix("p"))] = value
+        return out
+
+    cases = {  # id -> (window offsets, start logits, end logits, expected answer)
+        "plain": ([window], [logits(9, p5=5.0, p0=1.0)], [logits(9, p5=5.0, p0=1.0)], "Paris"),
+        "null-wins": ([window], [logits(9, p5=2.0, p0=3.0)], [logits(9, p5=2.0, p0=3.0)], ""),
+        "too-long": ([window], [logits(9, p2=9.0, p5=4.0)], [logits(9, p8=9.0, p6=4.0)], "Paris with"),
+        "backwards": ([window], [logits(9, p7=9.0, p3=3.0)], [logits(9, p4=9.0, p3=3.0)], "lives in"),
+        "question": ([window], [logits(9, p1=20.0, p8=1.0)], [logits(9, p1=20.0, p8=1.0)], "cat"),
+        "two-windows": ([window, second], [logits(9, p3=2.0), logits(6, p2=6.0)],
+                        [logits(9, p3=2.0), logits(6, p4=6.0)], "Paris with a"),
+    }
+    raw, ids, offsets, starts, ends = [], [], [], [], []
+    for ex_id, (windows, s, e, _) in cases.items():
+        raw.append({"id": ex_id, "context": context})
+        for w, sw, ew in zip(windows, s, e, strict=True):
+            ids.append(ex_id)
+            offsets.append(w + [None] * (9 - len(w)))  # padded windows: padding is never an answer
+            starts.append(np.concatenate([sw, np.full(9 - len(sw), -10.0)]))
+            ends.append(np.concatenate([ew, np.full(9 - len(ew), -10.0)]))
+    got = span.postprocess(raw, {"example_id": ids, "offset_mapping": offsets}, np.stack(starts), np.stack(ends))
+    assert got == {ex_id: case[3] for ex_id, case in cases.items()}
+
+
+def test_final_evaluation_matches_answers_to_their_questions(tmp_path, tiny_gpt2):
+    """Training batches by length (group_by_length), and transformers 5 then batches evaluation by length
+    too: the final evaluation must still pair each window's logits with its own question. An untrained span
+    head answers at random, which is enough to tell: its answers must equal a plain, in-order prediction."""
+    from lora_exp.config.loading import resolve_runs
+    from lora_exp.runtime.evaluation import evaluate_splits
+    from lora_exp.runtime.prepare import prepare
+    from lora_exp.runtime.tracking import Tracker
+    from lora_exp.runtime.trainer import build_trainer, prediction_trainer
+
+    data = {"train": str(write_jsonl(tmp_path / "train.jsonl", qa_rows(8))),
+            "validation": str(write_jsonl(tmp_path / "val.jsonl", qa_rows(24)))}
+    doc = _doc(tiny_gpt2, tmp_path, {"name": "squad_v2", "doc_stride": 8}, data,
+               {"lora": {"method": {"name": "lora", "r": 2}}}, max_length=40)
+    (run,) = resolve_runs(write_values(tmp_path, doc))
+    p = prepare(run)
+    trainer, _ = build_trainer(run.spec, p.model, p.form, p.tokenizer, tmp_path / "t", p.train_ds, p.val_ds,
+                               Tracker(None))
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    evaluate_splits(trainer, p.form, p.evals_raw, tmp_path / "final", Tracker(None))
+    plain = prediction_trainer(p.model, p.form, p.tokenizer, 16, tmp_path)
+    p.form.evaluate(plain, p.evals_raw["validation"], "validation", tmp_path / "plain")
+    final = (tmp_path / "final/validation/predictions.csv").read_text()
+    with (tmp_path / "plain/predictions.csv").open() as fh:
+        answers = [row["prediction"] for row in csv.DictReader(fh)]
+    assert len(set(answers)) > 3  # random but varied answers: a mix-up would show
+    assert final == (tmp_path / "plain/predictions.csv").read_text()

@@ -99,3 +99,16 @@ def test_head_only_trains_only_the_head(tiny_gpt2, toy_data, tmp_path):
         if not name.startswith("score"):
             assert torch.equal(state[name], p.detach()), name
     assert not torch.equal(state["score.weight"], base.score.weight.detach())
+
+    # The head-only artifact (head tensors over the untouched base) reloads and reproduces the metrics.
+    from lora_exp.pipelines.evaluate import evaluate_run
+
+    reeval_values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
+        "reeval": {"job": "eval", "eval": {"model_path": str(run.output_dir / "final")}}}), name="reeval.yaml")
+    (reeval,) = resolve_runs(reeval_values)
+    again = evaluate_run(reeval)
+    for key in ("validation_accuracy", "validation_f1_macro", "validation_loss"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    # Row for row: each text with its own label, prediction and scores (final evaluation keeps row order).
+    scores = (run.output_dir / "eval/validation/predictions.csv").read_text()
+    assert (reeval.output_dir / "eval-job/validation/predictions.csv").read_text() == scores
