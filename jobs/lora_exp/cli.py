@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from lora_exp.config.jsonschema import json_schema
 from lora_exp.config.loading import Run, add_spec_arguments, resolve_runs
-from lora_exp.core import errors, tags
+from lora_exp.core import errors, preemption, tags
 from lora_exp.core.logs import setup_logging, write_termination_message
 from lora_exp.core.tables import text_table
 
@@ -30,6 +30,7 @@ TOOLS: dict[str, str] = {
     "generate": "lora_exp.pipelines.generate",
     "export": "lora_exp.pipelines.export",
 }
+RESTARTABLE = ("train", "distill", "run")
 SPEC_COMMANDS = {
     "train": "fine-tune the train runs, then evaluate them",
     "eval": "evaluate: a base model (baseline), a trained artifact, or an MLflow run's model",
@@ -43,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-exp", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in SPEC_COMMANDS.items():
-        add_spec_arguments(sub.add_parser(name, help=help_))
+        p = sub.add_parser(name, help=help_)
+        add_spec_arguments(p)
+        if name in RESTARTABLE:
+            p.add_argument("--restart", action="store_true",
+                           help="move each run's existing directory aside (<run>.replaced-<time>) and start afresh, "
+                           "in a new MLflow run (without it, a rerun resumes, and a changed spec is refused)")
     sub.add_parser("schema", help="print the JSON Schema of a values file's 'experiment' section")
     prep = sub.add_parser(
         "prepare-model", help="convert a GGUF checkpoint (default: the offline SmolLM2-135M) into a trainable HF dir"
@@ -71,13 +77,18 @@ def run_job(run: Run) -> dict[str, float]:
     return train(run)
 
 
-def cmd_validate(runs: list[Run]) -> int:
-    from lora_exp.runtime.data import validate_data
+def check_runs(runs: list[Run]) -> dict[str, list[str]]:
+    """Preflight every run before any starts: a bad input fails now, before hours go into the runs before it."""
+    from lora_exp.runtime.preflight import preflight
 
+    return {run.name: preflight(run) for run in runs}
+
+
+def cmd_validate(runs: list[Run]) -> int:
     for run in runs:
-        report = validate_data(run.spec)
+        (report,) = check_runs([run]).values()
         what = {tags.TRAIN: f"train {run.spec.method.name}", tags.DISTILL: "distill"}.get(run.spec.job, "eval")
-        log.info("run %s: spec ok (%s, task %s); %s", run.name, what, run.spec.task.name, report)
+        log.info("run %s: spec ok (%s, task %s); %s", run.name, what, run.spec.task.name, "; ".join(report))
     return errors.OK
 
 
@@ -127,9 +138,18 @@ COMMANDS: dict[str, Callable[[list[Run]], int]] = {
 }
 
 
+def restart(runs: list[Run], command: str) -> None:
+    """--restart: the runs this command would start move their directories aside first."""
+    jobs = {"train": (tags.TRAIN,), "distill": (tags.DISTILL,), "run": tags.TRAINING_JOBS}[command]
+    for run in runs:
+        if run.spec.job in jobs and run.dir.root.exists():
+            log.info("run %s: --restart: %s moved to %s", run.name, run.dir.root, run.dir.archive())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    preemption.install()
     try:
         if args.command == "schema":
             json.dump(json_schema(), sys.stdout, indent=2)
@@ -143,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_gguf_model(args.gguf, args.out)
             return errors.OK
         runs = resolve_runs(args.values, args.run, args.overrides)
+        if args.command != "validate":
+            if getattr(args, "restart", False):
+                restart(runs, args.command)
+            check_runs(runs)
         return COMMANDS[args.command](runs)
     except errors.UserError as e:
         log.error("%s", e)
@@ -150,7 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.USER_ERROR
     except errors.Preempted as e:
         log.warning("%s", e)
+        write_termination_message(f"preempted: {e}")
         return errors.PREEMPTED
+    except errors.TrackerUnavailable as e:
+        log.error("%s", e)
+        write_termination_message(f"tracking server unavailable: {e}")
+        return errors.TRACKER_UNAVAILABLE
     except KeyboardInterrupt:
         return errors.PREEMPTED
     except Exception as e:  # a bug or an infrastructure fault: full traceback for the logs

@@ -129,16 +129,44 @@ def _has_path(d: Any, loc: list[str]) -> bool:
     return bool(loc)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as Helm reads it, except that a key given twice in one mapping is an error (PyYAML and Helm keep
+    the last one silently, so a pasted duplicate overrides the value above it without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges may be overridden by explicit keys: that is their purpose
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in this mapping (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            if isinstance(key, str | int | float | bool):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text, refusing duplicated keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_values(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
         raise SpecError(f"{p}: cannot read values file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise SpecError(f"{p}: line {line}: not UTF-8 text (byte 0x{p.read_bytes()[e.start]:02x}); save the file "
+                        "as UTF-8") from None
     try:
-        doc = yaml.safe_load(text) or {}
+        doc = parse_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
+        raise SpecError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(doc, dict) or "experiment" not in doc:
         raise SpecError(f"{p}: no 'experiment' section (a values file holds the spec under 'experiment:')")
     return doc
@@ -170,6 +198,7 @@ def resolve_runs(
         try:
             spec = RunSpec.model_validate(merged)
             check_run(spec)
+            check_teacher_run(exp, spec)
         except ValidationError as e:
             origins = [(f"{path}: experiment.defaults.", exp.defaults), (f"{path}: experiment.runs.{name}.", own),
                        ("--set ", sets)]
@@ -178,6 +207,17 @@ def resolve_runs(
             raise SpecError(f"{path}: run {name!r}: {e}") from None
         resolved.append(Run(experiment=exp.name, name=name, spec=spec, source=str(path)))
     return resolved
+
+
+def check_teacher_run(exp: ExperimentFile, spec: RunSpec) -> None:
+    """A distillation teacher named by run key, when it is a run of this file, must be one that trains (it may
+    also be a run of another values file of the same experiment)."""
+    if spec.distill is None or spec.distill.teacher.run is None or spec.distill.teacher.run not in exp.runs:
+        return
+    teacher = spec.distill.teacher.run
+    job = deep_merge(exp.defaults, exp.runs[teacher] or {}).get("job", "train")
+    if job != "train":
+        raise SpecError(f"distill.teacher.run: run {teacher!r} is a {job} run; the teacher must be a train run")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

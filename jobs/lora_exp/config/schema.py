@@ -26,7 +26,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import CoreSchema, core_schema
 
 from lora_exp.core import registry
@@ -34,12 +43,58 @@ from lora_exp.core.registry import Registry
 
 AUTO = "auto"  # formulation.kind: the task's natural formulation
 DEFAULT_METHOD = "lora"
+# transformers' SchedulerType values (a test keeps the list equal to the installed transformers'). Listed here
+# because importing transformers would cost `lora-exp validate` seconds.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay")
+# Experiment and run names become directory names, MLflow names and (slugged) Kubernetes names.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# Split names that would clash with the Trainer's own metric prefixes (train_runtime, eval_loss).
+RESERVED_SPLITS = ("train", "eval")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "file")
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Text = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _unique(values: list[str] | None) -> list[str] | None:
+    if values is not None:
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        if dupes:
+            raise ValueError(f"duplicated {dupes}: each must appear once")
+    return values
+
+
+UniqueTexts = Annotated[list[Text], Field(min_length=1), AfterValidator(_unique)]
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``: what logs, tags and files may show."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}://{authority}{slash}{path}"
+
+
+def tracking_scheme_problem(uri: str) -> str | None:
+    """Why MLflow could not use ``uri`` (None when it can): the scheme decides the store."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        return (f"unknown scheme {scheme or '(none)'!r}; use http(s)://host:port, sqlite:///path.db or a database "
+                "URI (postgresql://, mysql://)")
+    return None
 
 
 class Strict(BaseModel):
-    """Base of every spec model: unknown keys are errors; schemas build on first use (see module doc)."""
+    """Base of every spec model: unknown keys are errors, and so are inf/NaN numbers; schemas build on first
+    use (see module doc)."""
 
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid", defer_build=True, allow_inf_nan=False)
 
 
 class MethodSpec(Strict):
@@ -81,7 +136,7 @@ def _default_method() -> MethodSpec:
 class ModelSpec(Strict):
     """The pretrained model to adapt."""
 
-    name: str = Field(description="Hub id (e.g. gpt2-large) or a local directory holding a saved model.")
+    name: Text = Field(description="Hub id (e.g. gpt2-large) or a local directory holding a saved model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Dtype the base weights load in; 'auto' keeps the checkpoint's dtype."
@@ -96,16 +151,25 @@ class TaskSpec(Strict):
     name: Annotated[str, _RegisteredNames(registry.TASKS)] = Field(
         description="A registered task, or 'custom' for a task defined by the fields below."
     )
-    text_fields: list[str] | None = Field(
+    text_fields: UniqueTexts | None = Field(
         None, description="custom: the input column(s), in order. Registered tasks know theirs."
     )
-    label_field: str | None = Field(None, description="custom: the label column (default 'label').")
-    labels: list[str] | None = Field(
-        None, description="custom: the label names; data labels may be these names or their 0-based indices."
+    label_field: Text | None = Field(None, description="custom: the label column (default 'label').")
+    labels: Annotated[UniqueTexts, Field(min_length=2)] | None = Field(
+        None, description="custom: the label names (two or more, each once); data labels may be these names or "
+        "their 0-based indices."
     )
-    eval_splits: list[str] | None = Field(
+    eval_splits: UniqueTexts | None = Field(
         None, description="Splits evaluated at the end, reported separately (default: the task's own)."
     )
+
+    @field_validator("eval_splits")
+    @classmethod
+    def _not_reserved(cls, v: list[str] | None) -> list[str] | None:
+        clash = [s for s in v or [] if s in RESERVED_SPLITS]
+        if clash:
+            raise ValueError(f"split name(s) {clash} clash with the trainer's metric prefixes; rename the split")
+        return v
     doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by overlapping context windows (128).")
     max_answer_length: int | None = Field(None, ge=1, description="qa: longest answer span in tokens (30).")
 
@@ -113,9 +177,9 @@ class TaskSpec(Strict):
 class DataSpec(Strict):
     """Where the rows come from and how many are used."""
 
-    hub_path: str | None = Field(None, description="Override the task's hub data set id.")
-    hub_config: str | None = Field(None, description="Override the task's hub data set config.")
-    data_files: dict[str, str | list[str]] | None = Field(
+    hub_path: Text | None = Field(None, description="Override the task's hub data set id.")
+    hub_config: Text | None = Field(None, description="Override the task's hub data set config.")
+    data_files: dict[Text, Text | Annotated[list[Text], Field(min_length=1)]] | None = Field(
         None,
         description="Local files per split (JSONL, JSON, CSV or parquet), e.g. {train: a.jsonl, validation: b.jsonl}."
         " When set, the hub is not used.",
@@ -153,13 +217,15 @@ class FormulationSpec(Strict):
         None, description="verbalizer: text after the template that asks for the label; default the task's "
         "(e.g. '\\nRelationship:')."
     )
-    verbalizers: dict[str, str] | None = Field(
+    verbalizers: dict[str, Text] | None = Field(
         None, description="verbalizer: label name -> the word the LM should produce (default ' <label name>')."
     )
 
 
 class EarlyStoppingSpec(Strict):
-    metric: str = Field("accuracy", description="Eval metric watched (without the eval_ prefix).")
+    metric: Text = Field("accuracy", description="Eval metric watched (without the eval_ prefix); one the "
+                         "formulation computes during training (classification: loss, accuracy and the task's "
+                         "metrics; span and causal_lm: loss).")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
     greater_is_better: bool = True
 
@@ -168,7 +234,7 @@ class TrainingSpec(Strict):
     """Optimisation and cadence; maps onto transformers' TrainingArguments."""
 
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimiser steps (-1: use epochs).")
     learning_rate: float = Field(2e-4, gt=0)
     per_device_train_batch_size: int = Field(8, ge=1)
     per_device_eval_batch_size: int = Field(16, ge=1)
@@ -177,10 +243,10 @@ class TrainingSpec(Strict):
         "auto", description="Mixed precision; 'auto' = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field("linear", description="transformers' learning-rate schedule.")  # type: ignore[valid-type]
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     group_by_length: bool = Field(True, description="Batch similar lengths together: less padding.")
     eval_strategy: Literal["steps", "epoch", "no"] = "epoch"
     eval_steps: int | None = Field(None, ge=1)
@@ -197,6 +263,8 @@ class TrainingSpec(Strict):
 
     @model_validator(mode="after")
     def _cadence(self) -> TrainingSpec:
+        if self.max_steps == 0:
+            raise ValueError("max_steps 0 trains nothing; use -1 (train for `epochs`) or a positive count")
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("eval_strategy 'steps' needs eval_steps")
         if self.save_strategy == "steps" and self.save_steps is None:
@@ -212,22 +280,31 @@ class TrainingSpec(Strict):
 class TrackingSpec(Strict):
     """Where the run is recorded in MLflow."""
 
-    experiment_name: str | None = Field(None, description="MLflow experiment (default: the values file's name).")
-    run_name: str | None = Field(None, description="MLflow run name (default: the run's key).")
-    tracking_uri: str | None = Field(
+    experiment_name: Text | None = Field(None, description="MLflow experiment (default: the values file's name).")
+    run_name: Text | None = Field(None, description="MLflow run name (default: the run's key).")
+    tracking_uri: Text | None = Field(
         None,
         description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else a local store "
-        "(sqlite:///mlflow.db plus ./mlartifacts) in the working directory.",
+        "(sqlite:///mlflow.db plus ./mlartifacts) in the working directory. Credentials belong in "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD, not here (a URI's user:password is redacted from every log and tag).",
     )
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[Text, str] = Field(default_factory=dict)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        problem = tracking_scheme_problem(v) if v else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class EvalSpec(Strict):
     """What an eval job evaluates (neither source set: the base model as is, the baseline), and how
     language-model generations are sampled for BLEU/ROUGE/etc."""
 
-    model_path: str | None = Field(None, description="A trained artifact directory (adapter, head or full model).")
-    mlflow_run_id: str | None = Field(None, description="Evaluate the model artifact logged by this MLflow run.")
+    model_path: Text | None = Field(None, description="A trained artifact directory (adapter, head or full model).")
+    mlflow_run_id: Text | None = Field(None, description="Evaluate the model artifact logged by this MLflow run.")
     generation_samples: int = Field(32, ge=0, description="lm: held-out blocks continued by the model (0: skip).")
     prompt_tokens: int = Field(32, ge=1, description="lm: tokens of each held-out block given as the prompt.")
     max_new_tokens: int = Field(32, ge=1, description="lm: tokens generated and compared with the true continuation.")
@@ -242,9 +319,10 @@ class EvalSpec(Strict):
 class TeacherSpec(Strict):
     """The fine-tuned teacher: one of a run of this values file, an artifact path, or an MLflow run."""
 
-    run: str | None = Field(None, description="A train run of this experiment: <output_root>/<experiment>/<run>/final.")
-    model_path: str | None = Field(None, description="A lora-exp artifact directory (adapter, head or full model).")
-    mlflow_run_id: str | None = Field(None, description="The MLflow run whose 'model' artifact is the teacher.")
+    run: Name | None = Field(None, description="A train run of this experiment (<output_root>/<experiment>/<run>/"
+                             "final), in this values file or another.")
+    model_path: Text | None = Field(None, description="A lora-exp artifact directory (adapter, head or full model).")
+    mlflow_run_id: Text | None = Field(None, description="The MLflow run whose 'model' artifact is the teacher.")
 
     @model_validator(mode="after")
     def _one(self) -> TeacherSpec:
@@ -261,6 +339,13 @@ class StudentSpec(Strict):
     hidden_size: int = Field(768, ge=1, description="rnn: recurrent state size; transformer: model width.")
     num_layers: int = Field(1, ge=1, description="Recurrent or transformer layers.")
     num_heads: int = Field(4, ge=1, description="transformer: attention heads (must divide hidden_size).")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> StudentSpec:
+        if self.kind == "transformer" and self.hidden_size % self.num_heads:
+            raise ValueError(f"transformer student: num_heads {self.num_heads} must divide hidden_size "
+                             f"{self.hidden_size}")
+        return self
 
 
 class DistillSpec(Strict):
@@ -291,7 +376,7 @@ class RunSpec(Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     distill: DistillSpec | None = Field(None, description="distill jobs: teacher, student and loss weights.")
-    output_root: str = Field("outputs", description="Checkpoints and results go to <output_root>/<experiment>/<run>.")
+    output_root: Text = Field("outputs", description="Checkpoints and results go to <output_root>/<experiment>/<run>.")
 
     @model_validator(mode="after")
     def _coherent(self) -> RunSpec:
@@ -305,11 +390,15 @@ class RunSpec(Strict):
 class ExperimentFile(Strict):
     """The ``experiment`` section of a values file: shared defaults and a matrix of named runs."""
 
-    name: str = Field(description="Experiment name: MLflow experiment and output folder.")
+    name: Name = Field(description="Experiment name: MLflow experiment and output folder (letters, digits, "
+                       "'.', '_', '-').")
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="Fields shared by every run (a RunSpec, partial)."
     )
-    runs: dict[str, dict[str, Any]] = Field(description="Run name -> its fields (a RunSpec, partial), over defaults.")
+    runs: Annotated[dict[Name, dict[str, Any] | None], Field(min_length=1)] = Field(
+        description="Run name -> its fields (a RunSpec, partial), over defaults. At least one run; names are "
+        "letters, digits, '.', '_', '-' (they become directory names)."
+    )
 
 
 

@@ -10,6 +10,7 @@ OK = 0
 INTERNAL = 1  # a bug or an infrastructure fault: worth a retry
 USER_ERROR = 2  # bad spec, data or arguments: fix the input, retrying will not help
 SANITY_FAILED = 3  # `lora-exp sanity`: a check failed (retrying will not help either)
+TRACKER_UNAVAILABLE = 75  # EX_TEMPFAIL: the MLflow server did not answer; results are on disk, a retry uploads
 PREEMPTED = 143  # SIGTERM (128 + 15): checkpoint saved, the next attempt resumes
 
 
@@ -31,3 +32,10 @@ class Preempted(Exception):
     """The job received SIGTERM and stopped after saving a checkpoint."""
 
     exit_code = PREEMPTED
+
+
+class TrackerUnavailable(Exception):
+    """The tracking server could not be reached (at start, or to finish the uploads at the end). Whatever the
+    run produced is on disk; the next attempt uploads it (or starts, once the server answers)."""
+
+    exit_code = TRACKER_UNAVAILABLE

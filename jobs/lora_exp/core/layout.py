@@ -7,17 +7,26 @@ and reader (train, eval, distill, export, sanity, resume).
     eval-job/<split>/      an eval job's outputs
     metrics.json           written last: its presence marks a finished run
     mlflow_run.json        the MLflow run this directory logs to (resumed runs reattach to it)
+    run_key.json           written before the MLflow run is created; the run is tagged with it
+    run_spec.json          the spec the run started with (a rerun with another spec is refused)
+    tracking/<run id>/     the spool of what the MLflow run receives (lora_exp.runtime.tracking)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 METRICS_FILE = "metrics.json"
 FINAL_DIR = "final"
 RUN_ID_FILE = "mlflow_run.json"
+RUN_KEY_FILE = "run_key.json"
+RUN_SPEC_FILE = "run_spec.json"
+TRACKING_DIR = "tracking"
 SPEC_FILE = "lora_exp_run.yaml"  # the resolved spec, inside every model artifact
 EVAL_DIR = "eval"
 EVAL_JOB_DIR = "eval-job"
@@ -65,12 +74,44 @@ class RunDir:
             return None
         return str(json.loads(self.mlflow_state.read_text())["run_id"])
 
+    def record_mlflow_run(self, run_id: str, uri: str) -> None:
+        write_json(self.mlflow_state, {"run_id": run_id, "tracking_uri": uri})
+
+    def run_key(self) -> str | None:
+        path = self.root / RUN_KEY_FILE
+        return str(json.loads(path.read_text())["key"]) if path.is_file() else None
+
+    def new_run_key(self) -> str:
+        key = uuid.uuid4().hex
+        write_json(self.root / RUN_KEY_FILE, {"key": key})
+        return key
+
+    def tracking_dir(self, run_id: str) -> Path:
+        return self.root / TRACKING_DIR / run_id
+
+    @property
+    def run_spec(self) -> Path:
+        return self.root / RUN_SPEC_FILE
+
+    def archive(self) -> Path:
+        """Move the directory aside (``<run>.replaced-<time>``) so a fresh run can start; returns where."""
+        import time
+
+        dest = self.root.with_name(f"{self.root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.root, dest)
+        return dest
+
+    def started_spec(self) -> dict[str, Any] | None:
+        """The spec this directory's run started with (None before it started)."""
+        return dict(json.loads(self.run_spec.read_text())) if self.run_spec.is_file() else None
+
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first: a JIT save cut short has a sentinel and no trainer_state.json."""
+        """Complete checkpoints, oldest first. The Trainer writes trainer_state.json last, so a save cut short
+        has none (or a truncated one); a JIT save cut short also leaves a sentinel."""
         found = []
         for d in self.root.glob(CHECKPOINT_PREFIX + "*"):
             step = d.name.removeprefix(CHECKPOINT_PREFIX)
-            if step.isdigit() and (d / "trainer_state.json").is_file() and not (d / INCOMPLETE_SENTINEL).exists():
+            if step.isdigit() and _complete_state(d / "trainer_state.json") and not (d / INCOMPLETE_SENTINEL).exists():
                 found.append((int(step), d))
         return sorted(found)
 
@@ -82,3 +123,18 @@ class RunDir:
 def artifact_run_dir(artifact: Path) -> RunDir:
     """The run directory an artifact (``<run>/final``) belongs to."""
     return RunDir(artifact.parent)
+
+
+def _complete_state(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write atomically: a reader (or the next attempt, after a kill) sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)

@@ -16,6 +16,7 @@ VALUES_FILE = "lora_exp.values_file"
 RUN_KEY = "lora_exp.run"  # the run's key in its values file
 EXPERIMENT = "lora_exp.experiment"
 RELEASE = "lora_exp.release"  # the Helm release, set by the chart
+RUN_UID = "lora_exp.run_uid"  # the key in the run's directory: reattaches an attempt killed before recording the id
 EVAL_SOURCE = "eval.source"  # what an eval job evaluated
 KD = "kd"  # distill jobs: whether the teacher's soft targets were used
 TEACHER_RUN_ID = "distill.teacher_run_id"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
 from lora_exp.core import registry
+from lora_exp.core.errors import SpecError
 from lora_exp.tasks import Task, formulation_kind
 
 if TYPE_CHECKING:
@@ -52,6 +53,23 @@ class FormulationType(Protocol):
     @classmethod
     def build(cls, task: Any, spec: RunSpec, tokenizer: Any) -> Formulation: ...
 
+    @classmethod
+    def check_spec(cls, spec: RunSpec, task: Any) -> None:
+        """Raise SpecError when the spec's formulation settings do not fit the task (run at spec resolution)."""
+
+    @classmethod
+    def training_metrics(cls, task: Any) -> tuple[str, ...]:
+        """The metrics in-training evaluation reports (``eval_<name>``): what early stopping may watch."""
+
+
+def check_early_stopping(spec: RunSpec, kind: str, metrics: tuple[str, ...]) -> None:
+    es = spec.training.early_stopping
+    if es is not None and es.metric not in metrics:
+        raise SpecError(f"training.early_stopping.metric: {es.metric!r} is not computed during training by "
+                        f"formulation {kind!r}; choose one of {list(metrics)}")
+    if es is not None and es.metric == "loss" and es.greater_is_better:
+        raise SpecError("training.early_stopping.greater_is_better: the loss improves as it falls; set it to false")
+
 
 def register_formulation(cls: _F) -> _F:
     """Class decorator: make a formulation known by its ``kind``."""
@@ -77,7 +95,16 @@ class NoTrainingMetrics:
     """For formulations whose metrics need whole examples (QA spans, LM generations): in-training evaluation
     reports the loss only; the metrics come from ``evaluate`` at the end."""
 
+    kind: ClassVar[str]
     prediction_loss_only: ClassVar[bool] = True
+
+    @classmethod
+    def training_metrics(cls, task: Any) -> tuple[str, ...]:
+        return ("loss",)
+
+    @classmethod
+    def check_spec(cls, spec: RunSpec, task: Any) -> None:
+        check_early_stopping(spec, cls.kind, cls.training_metrics(task))
 
     def preprocess_logits(self, logits: Any, labels: Any) -> Any:
         return logits

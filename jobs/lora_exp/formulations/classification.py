@@ -11,13 +11,18 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from lora_exp.core.errors import SpecError
 from lora_exp.core.plots import confusion_matrix_chart
-from lora_exp.formulations.base import map_batches
+from lora_exp.formulations.base import check_early_stopping, map_batches
 from lora_exp.tasks import CLASSIFICATION, ClassificationTask
+from lora_exp.tasks.base import check_template
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
 
 
 def render(template: str, batch: dict[str, list[Any]], fields: tuple[str, ...]) -> list[str]:
@@ -33,6 +38,26 @@ class ClassificationFormulation:
     prediction_loss_only: ClassVar[bool] = False
     kind: ClassVar[str]
     task: ClassificationTask
+
+    @classmethod
+    def training_metrics(cls, task: ClassificationTask) -> tuple[str, ...]:
+        return ("loss", "accuracy", *(m for m in task.metrics if m != "accuracy"))
+
+    @classmethod
+    def check_spec(cls, spec: RunSpec, task: ClassificationTask) -> None:
+        """A template over the task's text fields; verbalizer words, when given, for exactly its labels."""
+        check_template(spec.formulation.template or task.template, task.text_fields)
+        words = spec.formulation.verbalizers
+        if words is not None:
+            missing = [lab for lab in task.labels if lab not in words]
+            extra = [lab for lab in words if lab not in task.labels]
+            if missing or extra:
+                raise SpecError(
+                    f"formulation.verbalizers: must map exactly the labels {list(task.labels)}"
+                    + (f"; missing {missing}" if missing else "")
+                    + (f"; unknown {extra}" if extra else "")
+                )
+        check_early_stopping(spec, cls.kind, cls.training_metrics(task))
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         raise NotImplementedError

@@ -43,6 +43,7 @@ class Method:
     label: ClassVar[str]  # how reports name it (e.g. "LoRA")
     report_order: ClassVar[int] = 100  # position in the report's method comparisons (seed 003's order)
     needs_head: ClassVar[bool] = False  # trains a task head only: the formulation must have one
+    packages: ClassVar[tuple[str, ...]] = ()  # optional packages it imports (checked before anything loads)
 
     def check_spec(self, spec: RunSpec) -> None:
         """Raise SpecError when the spec does not fit the method (called when specs are resolved)."""
@@ -50,6 +51,9 @@ class Method:
             form = formulation_type(spec, get_task(spec))
             if not form.has_head:
                 raise SpecError(f"method {self.name} trains a task head: formulation.kind {form.kind!r} has none")
+
+    def check_model(self, spec: RunSpec, config: dict[str, Any]) -> None:
+        """Raise SpecError when the model (its config.json, read before any weights) does not fit the method."""
 
     def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         """Extra ``from_pretrained`` arguments for the base (e.g. QLoRA's 4-bit quantization config)."""

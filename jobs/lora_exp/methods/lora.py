@@ -62,6 +62,9 @@ class Lora(Method):
     label: ClassVar[str] = "LoRA"
     report_order: ClassVar[int] = 20
 
+    def check_model(self, spec: RunSpec, config: dict[str, Any]) -> None:
+        target_modules(cast(LoraFields, spec.method), str(config.get("model_type")))
+
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         from peft import LoraConfig, get_peft_model
 

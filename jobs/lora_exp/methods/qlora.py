@@ -32,6 +32,7 @@ class QLora(Lora):
     spec: ClassVar[type[MethodSpec]] = QLoraSpec
     label: ClassVar[str] = "QLoRA"
     report_order: ClassVar[int] = 30
+    packages: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
 
     def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         import torch

@@ -41,18 +41,24 @@ def wordnet_source() -> Path:
     return Path(os.environ.get("LORA_EXP_WORDNET_DIR", "/usr/share/wordnet"))
 
 
-@cache
-def wordnet() -> Any:
-    """An nltk WordNet reader over the system's WordNet 3.0 database files (no download)."""
-    import nltk
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
+def check_wordnet() -> Path:
+    """The WordNet 3.0 directory METEOR reads, or a UserError saying how to install it (no nltk import)."""
     src = wordnet_source()
     missing = [f for f in WORDNET_FILES if not (src / f).is_file()]
     if missing:
         raise UserError(f"METEOR needs WordNet 3.0 in {src} (missing {missing[:3]}...): "
                         "apt-get install wordnet-base wordnet-sense-index, or set LORA_EXP_WORDNET_DIR to a "
                         "WordNet 3.0 'dict' directory")
+    return src
+
+
+@cache
+def wordnet() -> Any:
+    """An nltk WordNet reader over the system's WordNet 3.0 database files (no download)."""
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    src = check_wordnet()
     # nltk resolves the name "wordnet" through its data path (<dir>/corpora/wordnet) even for an explicit
     # reader, so the copy lives exactly there.
     data_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-exp" / "nltk_data"

@@ -25,7 +25,7 @@ from lora_exp.runtime.fit import finished_metrics, fit
 from lora_exp.runtime.models import load_tokenizer
 from lora_exp.runtime.prepare import Prepared
 from lora_exp.runtime.students import KDStudent, build_student
-from lora_exp.runtime.tracking import run_tracking_uri
+from lora_exp.runtime.tracking import probe, run_tracking_uri
 from lora_exp.runtime.trainer import prediction_trainer, seed_everything
 from lora_exp.tasks import ClassificationTask, Task, get_task
 
@@ -37,6 +37,7 @@ def distill(run: Run) -> dict[str, float]:
     done = finished_metrics(run)
     if done is not None:
         return done
+    probe(run_tracking_uri(run))  # an absent tracking server is known now, not after the teacher ran
     return fit(run, prepare_distill(run))
 
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
 from lora_exp.config.loading import Run
 from lora_exp.core import tags
 from lora_exp.core.errors import UserError
+from lora_exp.core.layout import RUN_KEY_FILE, TRACKING_DIR, RunDir, write_json
 from lora_exp.formulations import build_formulation
 from lora_exp.runtime.artifacts import load_trained, locate_artifact
 from lora_exp.runtime.data import load_splits, subsample
 from lora_exp.runtime.evaluation import evaluate_splits
 from lora_exp.runtime.models import load_tokenizer
-from lora_exp.runtime.tracking import mlflow_run, run_tracking_uri
+from lora_exp.runtime.tracking import mlflow_run, probe, run_tracking_uri, upload_pending
 from lora_exp.runtime.trainer import prediction_trainer
 from lora_exp.tasks import get_task
 
@@ -40,8 +42,17 @@ def resolve_artifact(run: Run, tmp: Path) -> Path | None:
 
 
 def evaluate_run(run: Run) -> dict[str, float]:
-    """Load data (checked first), the model, predict each eval split, log a new MLflow run."""
+    """Load data (checked first), the model, predict each eval split, log a new MLflow run.
+
+    An eval job that finished is evaluated afresh (a new MLflow run) when asked again, unless its upload
+    was left unfinished: then only that completes. An attempt stopped midway reattaches to its run."""
+    state = RunDir(run.dir.eval_job_dir)
+    if state.finished:
+        if upload_pending(run, state):  # a retry after exit 75: finish the upload, evaluate nothing again
+            return dict(json.loads(state.metrics.read_text()))
+        clear_state(state)
     spec = run.spec
+    probe(run_tracking_uri(run))
     task = get_task(spec)
     eval_spec = spec.model_copy(update={"job": tags.EVAL})
     _, _, evals_raw = subsample(eval_spec, task, load_splits(eval_spec, task))
@@ -51,10 +62,17 @@ def evaluate_run(run: Run) -> dict[str, float]:
         form = build_formulation(spec, task, tokenizer)
         model, source = load_trained(spec, artifact, form, tokenizer, task)
         log.info("evaluating %s on %s (%s)", source, task.name, ", ".join(evals_raw))
-        out = run.dir.eval_job_dir
         trainer = prediction_trainer(model, form, tokenizer, spec.training.per_device_eval_batch_size, Path(tmp))
-        with mlflow_run(run, tags.EVAL) as tracker:
+        state.root.mkdir(parents=True, exist_ok=True)
+        with mlflow_run(run, tags.EVAL, state_dir=state) as tracker:
             tracker.set_tags({tags.EVAL_SOURCE: source})
-            metrics = evaluate_splits(trainer, form, evals_raw, out, tracker)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            metrics = evaluate_splits(trainer, form, evals_raw, state.root, tracker)
+            write_json(state.metrics, metrics)
     return metrics
+
+
+def clear_state(state: RunDir) -> None:
+    """Forget a finished eval job's run, so that asking again evaluates afresh into a new MLflow run."""
+    for path in (state.metrics, state.mlflow_state, state.root / RUN_KEY_FILE):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(state.root / TRACKING_DIR, ignore_errors=True)

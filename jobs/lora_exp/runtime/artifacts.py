@@ -11,9 +11,9 @@ import yaml
 from pydantic import ValidationError
 
 from lora_exp.config.loading import Run, parse_run_spec
-from lora_exp.config.schema import RunSpec
+from lora_exp.config.schema import RunSpec, redact_uri
 from lora_exp.core import tags
-from lora_exp.core.errors import SpecError, UserError
+from lora_exp.core.errors import SpecError, TrackerUnavailable, UserError
 from lora_exp.core.layout import SPEC_FILE
 from lora_exp.formulations import Formulation, build_formulation
 from lora_exp.methods import get_method
@@ -34,8 +34,10 @@ def add_artifact_arguments(p: argparse.ArgumentParser, base_model: bool = False)
 
 def write_spec(run: Run, path: Path) -> Path:
     """The resolved spec travels with every artifact (``SPEC_FILE``)."""
-    doc = {"experiment": run.experiment, "run": run.name, "source": run.source,
-           "spec": run.spec.model_dump(mode="json")}
+    spec = run.spec.model_dump(mode="json")
+    if spec["tracking"].get("tracking_uri"):
+        spec["tracking"]["tracking_uri"] = redact_uri(spec["tracking"]["tracking_uri"])
+    doc = {"experiment": run.experiment, "run": run.name, "source": run.source, "spec": spec}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -66,14 +68,27 @@ def locate_artifact(model_path: str | None, mlflow_run_id: str | None, tmp: Path
 
 
 def download_model(run_id: str, dest: Path, tracking_uri: str | None = None) -> Path:
-    """Fetch the ``model`` artifact of an MLflow run."""
+    """Fetch the ``model`` artifact of an MLflow run (from ``tracking_uri``'s store, the run's own). A run or
+    artifact that does not exist is the user's error; a server that does not answer is not (exit 75, retried)."""
     from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
 
+    where = redact_uri(tracking_uri) if tracking_uri else "the default tracking store"
     try:
         return Path(download_artifacts(run_id=run_id, artifact_path="model", dst_path=str(dest),
                                        tracking_uri=tracking_uri))
-    except Exception as e:
-        raise UserError(f"MLflow run {run_id!r} has no downloadable 'model' artifact: {e}") from None
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND") \
+                or "does not exist" in str(e) or "not found" in str(e).lower():
+            raise UserError(f"MLflow run {run_id!r} at {where} has no 'model' artifact ({_first(e)})") from None
+        raise TrackerUnavailable(f"MLflow at {where}: cannot download run {run_id}'s model ({_first(e)})") from None
+    except OSError as e:  # a file store's artifact missing on disk
+        raise UserError(f"MLflow run {run_id!r} at {where}: its 'model' artifact is not readable ({e})") from None
+
+
+def _first(e: BaseException) -> str:
+    text = redact_uri(str(e).strip())
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def load_trained(spec: RunSpec, artifact: Path | None, form: Formulation, tokenizer: Any, task: Task,

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lora_exp.core import preemption
 from lora_exp.runtime.tracking import Tracker
 
 log = logging.getLogger("lora_exp.progress")
@@ -71,3 +72,46 @@ class MlflowMetrics(TrainerCallback):
                **kwargs: Any) -> None:
         if state.is_world_process_zero and logs:
             self.tracker.log_metrics(logs, step=state.global_step)
+
+
+class Preemption(TrainerCallback):
+    """Stop at a step boundary with a regular checkpoint when SIGTERM arrived (``lora_exp.core.preemption``),
+    and always checkpoint the final step.
+
+    Saving only at the end of an optimizer step (never mid-step, never inside gradient accumulation) is what
+    makes a resumed run bit-identical to an uninterrupted one: the checkpoint holds the weights, optimizer,
+    scheduler, data position and RNG states of one consistent moment. transformers' own JIT checkpointing can
+    save between the backward pass and the optimizer step, which a resume cannot reproduce. Under torchrun the
+    ranks agree on the step first (a SIGTERM reaches them at slightly different times), so they save together.
+    The final step's checkpoint lets an attempt preempted during the final evaluation skip training entirely.
+    """
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None
+
+    @staticmethod
+    def _agreed() -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = preemption.requested()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([1 if flag else 0], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._agreed():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        elif state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._agreed():  # SIGTERM during an in-training evaluation: save right after it
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step

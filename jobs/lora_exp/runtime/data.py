@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any
 
 from lora_exp.config.schema import RunSpec
 from lora_exp.core.errors import DataError, SpecError
-from lora_exp.runtime.models import check_model_source
 from lora_exp.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,16 @@ def _files(spec: RunSpec, split: str) -> list[Path]:
     return [Path(p) for p in ([entry] if isinstance(entry, str) else entry)]
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice is an error (json.loads would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row_number, row_dict) from a JSONL/JSON/CSV/parquet file, with errors naming file and row."""
     suffix = path.suffix.lower()
@@ -59,40 +69,55 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: file not found")
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-                yield i, row
+            yield from _parquet_rows(path)
         elif suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+            with path.open(newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
+                names = reader.fieldnames or []
+                dupes = sorted({n for n in names if names.count(n) > 1})
+                if dupes:
+                    raise DataError(f"{path}: line 1: column(s) {dupes} appear twice in the header")
                 for row in reader:
                     if None in row or any(v is None for v in row.values()):
-                        raise DataError(
-                            f"{path}: line {reader.line_num}: expected {len(reader.fieldnames or [])} columns "
-                            f"({', '.join(reader.fieldnames or [])})"
-                        )
+                        raise DataError(f"{path}: line {reader.line_num}: expected {len(names)} columns "
+                                        f"({', '.join(names)})")
                     yield reader.line_num, row
-        elif suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-            rows = json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+            except ValueError as e:
+                raise DataError(f"{path}: not valid JSON ({e})") from None
             for i, row in enumerate(rows, start=1):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
                 yield i, row
         else:  # JSON Lines
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 for i, line in enumerate(fh, start=1):
                     if not line.strip():
                         continue
                     try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+                        row = json.loads(line, object_pairs_hook=_unique_keys)
+                    except ValueError as e:  # JSONDecodeError is a ValueError; so is a duplicated key
+                        raise DataError(f"{path}: line {i}: not valid JSON ({getattr(e, 'msg', e)})") from None
                     if not isinstance(row, dict):
                         raise DataError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
                     yield i, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise DataError(f"{path}: unreadable ({e})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's ArrowInvalid and friends: not a parquet file, or a damaged one
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e})") from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def check_local_split(spec: RunSpec, task: Task, split: str) -> SplitReport:
@@ -100,7 +125,12 @@ def check_local_split(spec: RunSpec, task: Task, split: str) -> SplitReport:
     needed = list(task.required_columns)
     counts: dict[str, int] = dict.fromkeys(getattr(task, "labels", ()), 0)
     rows = 0
-    for path in _files(spec, split):
+    files = _files(spec, split)
+    formats = {FORMATS.get(p.suffix.lower(), p.suffix) for p in files}
+    if len(formats) > 1:
+        raise DataError(f"data.data_files.{split}: one format per split, got {sorted(map(str, formats))} "
+                        f"({', '.join(map(str, files))})")
+    for path in files:
         for line, row in _read_rows(path):
             missing = [c for c in needed if c not in row]
             if missing:
@@ -115,20 +145,16 @@ def check_local_split(spec: RunSpec, task: Task, split: str) -> SplitReport:
                 counts[category] = counts.get(category, 0) + 1
             rows += 1
     if rows == 0:
-        files = ", ".join(map(str, _files(spec, split)))
-        raise DataError(f"data.data_files.{split}: split {split!r} is empty ({files})")
+        raise DataError(f"data.data_files.{split}: split {split!r} is empty ({', '.join(map(str, files))})")
     return SplitReport(split, rows, counts)
 
 
 def validate_data(spec: RunSpec) -> str:
-    """Check the model source and, for local files, every row (the spec itself was checked when it was
-    resolved). Loads no model and no ML library. Returns a summary."""
+    """Every row of the run's local data files (``data.data_files``), before anything loads them. Returns a
+    summary. Hub data sets are checked when they load (``runtime.preflight`` checks the offline cache)."""
     task = get_task(spec)
-    check_model_source(spec.model)
     if not spec.data.data_files:
-        src = spec.data.hub_path or task.hub_path
-        cfg = spec.data.hub_config or task.hub_config
-        return f"data: hub data set {src}{'/' + cfg if cfg else ''} (checked when the job loads it)"
+        return "data: hub"
     needed = required_splits(spec, task)
     missing = [s for s in needed if s not in spec.data.data_files]
     if missing:
@@ -151,20 +177,20 @@ def load_splits(spec: RunSpec, task: Task) -> Any:
     needed = required_splits(spec, task)
     if spec.data.data_files:
         validate_data(spec)
-        files = {s: [str(p) for p in _files(spec, s)] for s in needed}
-        fmt = FORMATS[Path(files[needed[0]][0]).suffix.lower()]
-        try:
-            raw = datasets.load_dataset(fmt, data_files=files)
-        except Exception as e:  # pyarrow type clashes etc.: name the files
-            raise DataError(f"data.data_files: could not load {files}: {e}") from None
+        raw = {}
+        for split in needed:  # each split in its own format (train.jsonl with validation.csv is fine)
+            files = [str(p) for p in _files(spec, split)]
+            try:
+                raw[split] = datasets.load_dataset(FORMATS[Path(files[0]).suffix.lower()], data_files={split: files},
+                                                   split=split)
+            except Exception as e:  # what the row checks above did not foresee: still name the files
+                raise DataError(f"data.data_files.{split}: could not load {files}: {e}") from None
     else:
-        path = spec.data.hub_path or task.hub_path
-        config = spec.data.hub_config or task.hub_config
-        log.info("loading data set %s%s from the hub", path, f"/{config}" if config else "")
-        raw = datasets.load_dataset(path, config)
+        raw = load_hub_dataset(spec, task)
         absent = [s for s in needed if s not in raw]
         if absent:
-            raise DataError(f"data set {path}: no split(s) {absent}; it has {list(raw)}")
+            raise DataError(f"data set {spec.data.hub_path or task.hub_path}: no split(s) {absent}; it has "
+                            f"{list(raw)}")
     out = datasets.DatasetDict()
     for split in needed:
         ds = raw[split]
@@ -175,6 +201,29 @@ def load_splits(spec: RunSpec, task: Task) -> Any:
             raise DataError(f"split {split!r} is empty")
         out[split] = task.normalise(ds, split)
     return out
+
+
+def load_hub_dataset(spec: RunSpec, task: Task) -> Any:
+    """A hub data set; one that does not exist, or is missing from the cache while offline, is a user error."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    path = spec.data.hub_path or task.hub_path
+    config = spec.data.hub_config or task.hub_config
+    label = f"{path}{'/' + config if config else ''}"
+    log.info("loading data set %s from the hub", label)
+    try:
+        return datasets.load_dataset(path, config)
+    except DatasetNotFoundError as e:
+        raise DataError(f"data.hub_path: no data set {label} on the hub (or no access to it): {e}") from None
+    except ValueError as e:  # e.g. an unknown config name: datasets lists the available ones
+        if "config" in str(e).lower():
+            raise DataError(f"data.hub_config: {e}") from None
+        raise
+    except ConnectionError as e:
+        if any(os.environ.get(n) for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+            raise DataError(f"data: {label} is not in the local cache and the hub is off: {e}") from None
+        raise
 
 
 def subsample(spec: RunSpec, task: Task, raw: Any) -> tuple[Any, Any, dict[str, Any]]:

@@ -3,7 +3,9 @@
     Prepared -> MLflow run -> Trainer (resumes from the newest complete checkpoint) -> artifact -> evaluation
 
 Re-running resumes from the latest complete checkpoint in the run's output dir and logs into the same
-MLflow run; a finished run is not trained again (:func:`finished_metrics`).
+MLflow run; a finished run is not trained again (:func:`finished_metrics`), though what it could not upload
+then is uploaded now. SIGTERM at any moment ends the job with a state the next attempt resumes from
+(``lora_exp.core.preemption``).
 """
 
 from __future__ import annotations
@@ -14,25 +16,35 @@ import shutil
 from typing import Any
 
 from lora_exp.config.loading import Run
+from lora_exp.core import preemption
 from lora_exp.core.errors import Preempted
-from lora_exp.core.layout import SPEC_FILE, RunDir
+from lora_exp.core.layout import SPEC_FILE, RunDir, write_json
 from lora_exp.methods import Method, count_parameters
 from lora_exp.runtime.artifacts import artifact_size_mb, write_spec
 from lora_exp.runtime.evaluation import evaluate_splits
 from lora_exp.runtime.prepare import Prepared
-from lora_exp.runtime.tracking import Tracker, mlflow_run
+from lora_exp.runtime.tracking import Tracker, mlflow_run, upload_pending
 from lora_exp.runtime.trainer import best_losses, build_trainer, describe_parallelism, peak_memory
 
 log = logging.getLogger(__name__)
 
 
-def finished_metrics(run: Run) -> dict[str, float] | None:
-    """The metrics of a run that already finished (its ``metrics.json``), else None."""
-    d = run.dir
+def finished_metrics(run: Run, state: RunDir | None = None) -> dict[str, float] | None:
+    """The metrics of a run that already finished (its ``metrics.json``), after uploading whatever of it
+    never reached MLflow; None for a run still to do."""
+    d = state or run.dir
     if not d.finished:
         return None
-    log.info("run %s already finished (%s); delete %s to run it again", run.name, d.metrics, d.root)
+    upload_pending(run, d)
+    log.info("run %s already finished (%s); delete %s (or use --restart) to run it again", run.name, d.metrics,
+             d.root)
     return dict(json.loads(d.metrics.read_text()))
+
+
+def record_spec(run: Run) -> None:
+    """Remember the spec the run starts with: a later attempt with another spec is refused (preflight)."""
+    if not run.dir.run_spec.is_file():
+        write_json(run.dir.run_spec, run.spec.model_dump(mode="json"))
 
 
 def fit(run: Run, p: Prepared) -> dict[str, float]:
@@ -40,25 +52,28 @@ def fit(run: Run, p: Prepared) -> dict[str, float]:
     trainable, total = count_parameters(p.model)
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
     d.root.mkdir(parents=True, exist_ok=True)
+    record_spec(run)
     with mlflow_run(run, spec.job, state_dir=d) as tracker:
         tracker.set_tags(p.tags)
         tracker.log_metrics({"trainable_params": trainable, "total_params": total,
                              "trainable_share": trainable / total})
-        trainer, preempted = build_trainer(spec, p.model, p.form, p.tokenizer, d.root, p.train_ds, p.val_ds, tracker)
+        trainer, stop = build_trainer(spec, p.model, p.form, p.tokenizer, d.root, p.train_ds, p.val_ds, tracker)
         describe_parallelism(trainer)
         resume = d.latest_checkpoint()
         if resume:
             log.info("resuming from %s", resume)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if preempted():
-            raise Preempted(f"run {run.name}: SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
-                            f"{d.root}")
+        with preemption.deferred():
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if preemption.requested():
+            saved, step = d.latest_checkpoint(), stop.stopped_at or trainer.state.global_step
+            raise Preempted(f"run {run.name}: SIGTERM; stopped after step {step}, checkpoint "
+                            f"{saved.name if saved else '(none)'} in {d.root}; the next attempt resumes")
         tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history)},
                             step=trainer.state.global_step)
         save_artifact(run, trainer, p.method, tracker)
         metrics = evaluate_splits(trainer, p.form, p.evals_raw, d.eval_dir, tracker)
         if trainer.is_world_process_zero():
-            d.metrics.write_text(json.dumps(metrics, indent=2))
+            write_json(d.metrics, metrics)
     return metrics
 
 

@@ -34,16 +34,6 @@ def load_tokenizer(model: ModelSpec) -> Any:
     return tok
 
 
-def check_model_source(model: ModelSpec) -> None:
-    """A local path must exist (caught by ``validate``, before any download or load)."""
-    name = model.name
-    if name.startswith((".", "/", "~")) or Path(name).exists():
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name: {name} is not a saved model directory (no config.json)"
-                            + ("" if path.exists() else "; it does not exist"))
-
-
 def torch_dtype(name: str) -> Any:
     import torch
 

@@ -3,19 +3,21 @@ our callbacks, SIGTERM handling, and a predict-only Trainer for evaluation and t
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import resource
-import signal
+import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lora_exp.config.schema import RunSpec, TrainingSpec
 from lora_exp.formulations import Formulation
-from lora_exp.runtime.callbacks import MlflowMetrics, ProgressLogger
+from lora_exp.runtime.callbacks import MlflowMetrics, Preemption, ProgressLogger
 from lora_exp.runtime.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -27,19 +29,47 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped sampler, seeded per epoch.
+
+    transformers builds it without a generator, so each epoch's order comes from the global RNG at the moment
+    iteration starts; a resumed run restores a later RNG state, reshuffles the epoch it resumes, and skips the
+    wrong batches. Seeded from (seed, epoch), an epoch has one order, whoever iterates it."""
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+class LoraExpTrainer(Trainer):
+    """The stock Trainer with a reproducible length-grouped sampler (the only thing changed)."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler) and not isinstance(sampler, EpochSeededLengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
+        return sampler
+
+
 def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, out: Path, train_ds: Any,
-                  val_ds: Any, tracker: Tracker) -> tuple[Any, Callable[[], bool]]:
-    """A transformers Trainer configured from the spec; returns it and a ``preempted()`` probe."""
-    from transformers import EarlyStoppingCallback, Trainer
+                  val_ds: Any, tracker: Tracker) -> tuple[Any, Preemption]:
+    """A Trainer configured from the spec, and its preemption callback (``stopped_at`` after a SIGTERM)."""
+    from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     args = training_arguments(spec, out, has_eval=val_ds is not None)
     args.prediction_loss_only = form.prediction_loss_only
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    callbacks: list[Any] = [ProgressLogger(samples_per_step, tracker), MlflowMetrics(tracker)]
+    preemption = Preemption()
+    callbacks: list[Any] = [ProgressLogger(samples_per_step, tracker), MlflowMetrics(tracker), preemption]
     if spec.training.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.training.early_stopping.patience))
-    trainer = Trainer(
+    trainer = LoraExpTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -52,7 +82,7 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
     )
     for cb in (PrinterCallback, ProgressCallback):  # our ProgressLogger prints the one line per interval
         trainer.remove_callback(cb)
-    return trainer, _watch_sigterm()
+    return trainer, preemption
 
 
 def describe_parallelism(trainer: Any) -> None:
@@ -63,32 +93,11 @@ def describe_parallelism(trainer: Any) -> None:
              state.backend, zero)
 
 
-def _watch_sigterm() -> Callable[[], bool]:
-    """Chain onto the SIGTERM handler (the Trainer's JIT checkpointing) to know the job was preempted."""
-    hit = {"sigterm": False}
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        hit["sigterm"] = True
-        logging.getLogger(__name__).warning("SIGTERM: saving a checkpoint, then stopping")
-        if callable(previous):
-            previous(signum, frame)
-
-    # Outside the main thread (e.g. a notebook worker) signals cannot be caught: no preemption handling.
-    with contextlib.suppress(ValueError):
-        signal.signal(signal.SIGTERM, handler)
-    return lambda: hit["sigterm"]
-
-
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def resolve_precision(precision: str) -> str:
-    import torch
-
     if not _cuda():
         if precision in ("fp16", "bf16"):
             log.warning("training.precision %s needs a GPU; running fp32 on CPU", precision)
@@ -119,10 +128,25 @@ def deepspeed_config(t: TrainingSpec) -> dict[str, Any] | None:
     }
 
 
+def single_process_launch() -> None:
+    """DeepSpeed needs a launcher's environment; without torchrun (a single-GPU Job, a laptop) it would look
+    for MPI. One process is a world of one: say so the way torchrun would."""
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"})
+    log.info("DeepSpeed without a launcher: running as a single-process world")
+
+
 def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
     t = spec.training
+    if t.zero_stage:
+        single_process_launch()
     precision = resolve_precision(t.precision)
     es = t.early_stopping
     return TrainingArguments(
@@ -154,7 +178,6 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
         seed=t.seed,
         report_to="none",
         disable_tqdm=True,
-        enable_jit_checkpoint=True,  # SIGTERM (preemption, eviction) -> checkpoint, then stop
         deepspeed=deepspeed_config(t),
         dataloader_num_workers=0,
         dataloader_pin_memory=_cuda(),
@@ -174,8 +197,6 @@ def best_losses(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def peak_memory() -> dict[str, float]:
-    import torch
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_cpu_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
     if torch.cuda.is_available():
@@ -185,7 +206,7 @@ def peak_memory() -> dict[str, float]:
 
 def prediction_trainer(model: Any, form: Formulation, tokenizer: Any, batch_size: int, tmp: Path) -> Any:
     """A Trainer used only to predict (eval jobs, teacher logits): batching, devices and gathering for free."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=batch_size, report_to="none",
                              disable_tqdm=True, dataloader_pin_memory=_cuda(), use_cpu=not _cuda())

@@ -67,6 +67,8 @@ class Task(Protocol):
 class _ServesKinds(Protocol):
     task_kinds: tuple[str, ...]
 
+    def check_spec(self, spec: RunSpec, task: Any) -> None: ...
+
 
 def register_task(task: _T) -> _T:
     """Make ``task`` known by its name (to the spec's ``task.name`` enum, validate and every job)."""
@@ -99,11 +101,32 @@ def formulation_kind(spec: RunSpec, task: Task) -> str:
     return kind
 
 
-def template_fields(template: str) -> set[str]:
+def check_formulation(spec: RunSpec, task: Task) -> str:
+    """The run's formulation serves the task, and the formulation's own settings fit it; returns its kind."""
+    kind = formulation_kind(spec, task)
+    cast(_ServesKinds, registry.FORMULATIONS.get(kind)).check_spec(spec, task)
+    return kind
+
+
+def check_template(template: str, fields: tuple[str, ...]) -> None:
+    """A template must name at least one of the text fields, only those, and format cleanly."""
     try:
-        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        used = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise SpecError(f"formulation.template: not a valid format string ({e})") from None
+    if any(not f or f.isdigit() for f in used):
+        raise SpecError("formulation.template: positional fields ({} or {0}) have nothing to fill them; name the "
+                        f"text fields, e.g. {{{fields[0]}}}")
+    unknown = sorted({f.split(".")[0].split("[")[0] for f in used} - set(fields))
+    if unknown:
+        raise SpecError(f"formulation.template: unknown field(s) {unknown}; the task's text fields are {list(fields)}")
+    if not used:
+        raise SpecError(f"formulation.template: {template!r} uses no text field, so every row would read the same; "
+                        f"include at least one of {['{' + f + '}' for f in fields]}")
+    try:
+        template.format(**dict.fromkeys(fields, "text"))
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise SpecError(f"formulation.template: {template!r} does not format ({type(e).__name__}: {e})") from None
 
 
 def reject_custom_fields(spec: RunSpec) -> None:
@@ -195,23 +218,4 @@ class ClassificationTask:
 
     def check_spec(self, spec: RunSpec) -> None:
         reject_custom_fields(spec)
-        self.check_formulation(spec)
-
-    def check_formulation(self, spec: RunSpec) -> None:
-        """The formulation fits: a kind that serves classification, a template over the text fields,
-        verbalizer words for exactly the labels."""
-        formulation_kind(spec, self)
-        template = spec.formulation.template or self.template
-        unknown = sorted(n for n in template_fields(template) if n not in self.text_fields)
-        if unknown:
-            raise SpecError(f"formulation.template: unknown field(s) {unknown}; the task's text fields are "
-                            f"{list(self.text_fields)}")
-        if spec.formulation.verbalizers is not None:
-            missing = [lab for lab in self.labels if lab not in spec.formulation.verbalizers]
-            extra = [lab for lab in spec.formulation.verbalizers if lab not in self.labels]
-            if missing or extra:
-                raise SpecError(
-                    f"formulation.verbalizers: must map exactly the labels {list(self.labels)}"
-                    + (f"; missing {missing}" if missing else "")
-                    + (f"; unknown {extra}" if extra else "")
-                )
+        check_formulation(spec, self.for_run(spec))

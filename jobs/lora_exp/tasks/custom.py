@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lora_exp.core.errors import SpecError
-from lora_exp.tasks.base import ClassificationTask, register_task, with_eval_splits
+from lora_exp.tasks.base import ClassificationTask, check_formulation, register_task, with_eval_splits
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
@@ -34,7 +34,7 @@ class CustomTask:
             raise SpecError("task 'custom' needs task.text_fields and task.labels")
         if not spec.data.data_files and not spec.data.hub_path:
             raise SpecError("task 'custom' needs data.data_files (or data.hub_path)")
-        self.for_run(spec).check_formulation(spec)
+        check_formulation(spec, self.for_run(spec))
 
 
 register_task(CustomTask())

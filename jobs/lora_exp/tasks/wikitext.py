@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lora_exp.tasks.base import LM, formulation_kind, register_task, reject_custom_fields, with_eval_splits
+from lora_exp.tasks.base import LM, check_formulation, register_task, reject_custom_fields, with_eval_splits
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
@@ -40,7 +40,7 @@ class LMTask:
 
     def check_spec(self, spec: RunSpec) -> None:
         reject_custom_fields(spec)
-        formulation_kind(spec, self)
+        check_formulation(spec, self.for_run(spec))
 
     def for_run(self, spec: RunSpec) -> LMTask:
         return with_eval_splits(self, spec)  # type: ignore[no-any-return]

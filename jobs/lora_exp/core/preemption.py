@@ -1,0 +1,63 @@
+"""SIGTERM, handled the same at every moment of a job (Kubernetes sends it on preemption, eviction, drain
+and ``helm upgrade``, then SIGKILL after the grace period).
+
+The handler installed by :func:`install` sets a flag. Inside the training loop (:func:`deferred`) that is all
+it does: the Trainer callback (``lora_exp.runtime.callbacks.Preemption``) sees the flag at the next optimizer
+step boundary, saves a regular checkpoint there and stops, so the next attempt resumes exactly where this one
+stopped. Anywhere else (loading, evaluating, uploading) there is nothing to save mid-way: the handler raises
+:class:`~lora_exp.core.errors.Preempted` at once, the run is marked KILLED and the process exits 143.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+from lora_exp.core.errors import Preempted
+
+log = logging.getLogger(__name__)
+
+_state = {"requested": False, "deferred": 0, "installed": False}
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    first = not _state["requested"]
+    _state["requested"] = True
+    if _state["deferred"]:
+        if first:
+            log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        return
+    raise Preempted("SIGTERM before or after training: stopped; the next attempt resumes")
+
+
+def install() -> None:
+    """Route SIGTERM to this module for the rest of the process (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _handler)
+    _state["installed"] = True
+
+
+def requested() -> bool:
+    return bool(_state["requested"])
+
+
+def reset() -> None:
+    """Forget a past request (tests run several jobs in one process)."""
+    _state["requested"] = False
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """While training: SIGTERM only sets the flag, the training loop stops at the next step boundary.
+
+    A SIGTERM that arrives outside (before the loop starts, or after it ends) raises ``Preempted``."""
+    _state["deferred"] += 1
+    try:
+        yield
+    finally:
+        _state["deferred"] -= 1
