@@ -79,3 +79,18 @@ def test_two_node_torchrun_on_loopback_logs_one_run(tmp_path, tiny_gpt2, toy_dat
     run = _one_finished_run(tmp_path)
     assert run.data.metrics["trainable_params"] > 0
     assert (tmp_path / "outputs/toy/lora/final/adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_zero_without_a_launcher_runs_as_a_world_of_one(tmp_path, tiny_gpt2, toy_data):
+    """A single-GPU profile launches `lora-exp train` without torchrun; a ZeRO spec must still run (DeepSpeed
+    would otherwise look for MPI and fail with `No module named 'mpi4py'`)."""
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={"full": {
+        "method": {"name": "full"}, "training": {"zero_stage": 2, "max_steps": 3}}}))
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-m", "lora_exp", "train", "-f", str(values)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "single-process world" in log and "DeepSpeed ZeRO stage 2" in log
+    assert _one_finished_run(tmp_path).data.metrics["trainable_params"] > 0

@@ -111,7 +111,7 @@ def test_failure_policy(render):
         assert spec["template"]["spec"]["restartPolicy"] == "Never"
         rules = spec["podFailurePolicy"]["rules"]
         fail = [r for r in rules if r["action"] == "FailJob"]
-        assert fail == [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]
+        assert fail == [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2, 3]}}]
         # No containerName: the exit code of the validate init container counts as well.
         ignore = [r for r in rules if r["action"] == "Ignore"]
         assert ignore == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
@@ -282,3 +282,29 @@ def test_torchrun_parses_the_launcher_and_passes_the_cli_through(profile: str, b
         assert "--run" not in args.training_script_args
         # The spec file the command reads holds exactly this run, so no --run is needed.
         assert build_parser().parse_args(args.training_script_args).run is None
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    """code -> its 'on Kubernetes' cell, from the README's exit-code table."""
+    text = (kt.REPO / "README.md").read_text()
+    table = text.split("**Exit codes**", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:] if line.startswith("|")]
+    return {int(cells[0].strip()): cells[2].strip() for cells in rows}
+
+
+def test_readme_exit_code_table_agrees_with_the_code_and_the_failure_policy(render):
+    """One contract, three places: lora_exp.core.errors, the README's table, the chart's podFailurePolicy."""
+    from lora_exp.core import errors
+
+    documented = _readme_exit_codes()
+    defined = {v for k, v in vars(errors).items() if k.isupper() and isinstance(v, int)}
+    assert set(documented) == defined, (documented, defined)
+    fail_job = {code for code, cell in documented.items() if cell.startswith("FailJob")}
+    retried = {code for code, cell in documented.items() if cell.startswith("retried")}
+    assert fail_job == {errors.USER_ERROR, errors.SANITY_FAILED}
+    assert {errors.INTERNAL, errors.TRACKER_UNAVAILABLE, errors.PREEMPTED} <= retried
+    for j in jobs(render(synthetic())):
+        rules = j["spec"]["podFailurePolicy"]["rules"]
+        failing = {c for r in rules if r["action"] == "FailJob" for c in r["onExitCodes"]["values"]}
+        assert failing == fail_job
+        assert not failing & retried

@@ -26,6 +26,7 @@ from lora_exp.core import errors
 from lora_exp.reports.report import COMPARISON_RUN, DEFAULT_LOG_EXPERIMENT, build_report, log_report
 from lora_exp.reports.selection import add_arguments as selection_arguments
 from lora_exp.reports.selection import from_args, search
+from lora_exp.runtime.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     client = MlflowClient(tracking_uri=uri)
     runs = search(client, sel, statuses=("FINISHED",), latest=not args.all_attempts)
     if not runs:
-        raise errors.UserError(f"no finished lora-exp runs match ({sel.describe()}) at {uri}")
+        raise errors.UserError(f"no finished lora-exp runs match ({sel.describe()}) at {redact(uri)}")
     out = Path(args.out)
     report = build_report(client, runs, out, sel.describe())
     log.info("report: %s (%d runs)", out / "report.md", len(runs))

@@ -8,7 +8,6 @@ import functools
 import gc
 import logging
 import math
-import os
 import re
 import tempfile
 import time
@@ -18,12 +17,13 @@ from typing import Any
 
 from lora_exp.config.loading import Run
 from lora_exp.config.schema import RunSpec
+from lora_exp.core.errors import TrackerUnavailable
 from lora_exp.formulations.classification import ClassificationFormulation
 from lora_exp.methods import TrainableRule, count_parameters
 from lora_exp.reports.sanity import FAIL, PASS, SKIP, WARN, Check, Options
 from lora_exp.runtime.callbacks import ProgressLogger
 from lora_exp.runtime.prepare import Prepared, prepare
-from lora_exp.runtime.tracking import Tracker, run_tracking_uri
+from lora_exp.runtime.tracking import Tracker, probe, redact, run_tracking_uri
 from lora_exp.runtime.trainer import build_trainer, seed_everything
 from lora_exp.tasks import ClassificationTask
 
@@ -251,17 +251,14 @@ def check_overfit(p: Prepared, spec: RunSpec, opts: Options) -> Check:
 
 
 def check_mlflow(uri: str) -> Check:
-    """One cheap request, without MLflow's minutes of retries: an unreachable server should fail fast."""
-    from mlflow import MlflowClient
-
+    """The jobs' own probe: one cheap request without retries, so an unreachable server fails fast."""
     t0 = time.monotonic()
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        except Exception as e:
-            return Check("mlflow", FAIL, f"{uri}: {type(e).__name__}: {_first_line(e)}")
+    try:
+        probe(uri, timeout=10)
+    except TrackerUnavailable as e:
+        return Check("mlflow", FAIL, str(e))
     ms = 1000 * (time.monotonic() - t0)
-    return Check("mlflow", PASS, f"{uri} answers ({ms:.0f} ms)", {"latency_ms": ms})
+    return Check("mlflow", PASS, f"{redact(uri)} answers ({ms:.0f} ms)", {"latency_ms": ms})
 
 
 def check_reproducible(run: Run, opts: Options, prepare_fn: PrepareFn) -> Check:
@@ -320,17 +317,3 @@ def _stop_below(threshold: float) -> Any:
                 control.should_training_stop = True
 
     return StopBelow()
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -19,7 +19,7 @@ from typing import Any
 from lora_exp.config.loading import Run, resolve_runs
 from lora_exp.core import tags
 from lora_exp.core.errors import UserError
-from lora_exp.runtime.tracking import run_tracking_uri, tracking_uri
+from lora_exp.runtime.tracking import redact, run_tracking_uri, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ def from_args(args: argparse.Namespace) -> tuple[str, Selection, list[Run]]:
     )
     uris = {run_tracking_uri(r) for r in values_runs}
     if len(uris) > 1 and not args.tracking_uri:
-        raise UserError(f"{args.values}: runs log to different tracking URIs {sorted(uris)}; pick one with "
+        raise UserError(f"{args.values}: runs log to different tracking URIs {sorted(map(redact, uris))}; pick one "
+                        "with "
                         "--tracking-uri")
     uri = args.tracking_uri or (uris.pop() if uris else tracking_uri())
     return uri, sel, values_runs

@@ -27,6 +27,7 @@ from lora_exp.core import errors, tags
 from lora_exp.core.tables import text_table
 from lora_exp.reports.selection import add_arguments as selection_arguments
 from lora_exp.reports.selection import from_args, search
+from lora_exp.runtime.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
             jobs = [j for j in jobs if j.run in {r.name for r in values_runs}]
         merge_kube(statuses, jobs)
     if not statuses:
-        raise errors.UserError(f"no runs found ({sel.describe()}) at {uri}")
+        raise errors.UserError(f"no runs found ({sel.describe()}) at {redact(uri)}")
     if args.json:
         print(json.dumps([asdict(s) for s in statuses], indent=2))
     else:

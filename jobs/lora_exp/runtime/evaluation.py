@@ -25,6 +25,8 @@ def evaluate_splits(trainer: Any, form: Formulation, evals_raw: dict[str, Any], 
     trainer.args.prediction_loss_only = False  # in-training evaluation may be loss-only; this one is not
     with rows_in_order(trainer):
         for split, raw in evals_raw.items():
+            if trainer.is_world_process_zero():
+                log.info("final evaluation: %s (%d rows)", split, len(raw))
             metrics = form.evaluate(trainer, raw, split, out_dir / split)
             if not trainer.is_world_process_zero():
                 continue

@@ -16,6 +16,7 @@ import shutil
 from typing import Any
 
 from lora_exp.config.loading import Run
+from lora_exp.config.schema import redact_uri
 from lora_exp.core import preemption
 from lora_exp.core.errors import Preempted
 from lora_exp.core.layout import SPEC_FILE, RunDir, write_json
@@ -44,7 +45,10 @@ def finished_metrics(run: Run, state: RunDir | None = None) -> dict[str, float] 
 def record_spec(run: Run) -> None:
     """Remember the spec the run starts with: a later attempt with another spec is refused (preflight)."""
     if not run.dir.run_spec.is_file():
-        write_json(run.dir.run_spec, run.spec.model_dump(mode="json"))
+        spec = run.spec.model_dump(mode="json")
+        if spec["tracking"].get("tracking_uri"):  # compared without it; kept without its credentials
+            spec["tracking"]["tracking_uri"] = redact_uri(spec["tracking"]["tracking_uri"])
+        write_json(run.dir.run_spec, spec)
 
 
 def fit(run: Run, p: Prepared) -> dict[str, float]:

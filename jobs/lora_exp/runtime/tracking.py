@@ -46,8 +46,9 @@ redact = redact_uri
 DEADLINE_ENV = "LORA_EXP_TRACKING_DEADLINE"
 START_DEADLINE_ENV = "LORA_EXP_TRACKING_START_DEADLINE"
 # Our own retry loop rides out outages; MLflow's per-request retries (minutes by default) would block it.
+# And MLflow prints each run's URL (credentials included, were they in the URI) to stdout: our log says it once.
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 MAX_METRICS, MAX_TAGS, MAX_PARAMS = 1000, 100, 100  # MLflow's limits per log_batch request
 PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST")
 
@@ -258,7 +259,8 @@ class Tracker:
         self.uri = uri
         self.spool = spool
         self._steps = spool.steps() if spool else {}
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # new records (ignored while backing off from an outage)
+        self._retry = threading.Event()  # retry now: the job is ending and waits for the spool to drain
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
@@ -323,6 +325,7 @@ class Tracker:
         if not self.active:
             return True
         self._wake.set()
+        self._retry.set()
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             assert self.spool is not None
@@ -334,6 +337,7 @@ class Tracker:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._retry.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.spool is not None:
@@ -364,9 +368,11 @@ class Tracker:
                     self._outage_since = time.monotonic()
                     log.warning("MLflow at %s unreachable (%s); training goes on, records wait in %s",
                                 redact(self.uri or ""), _first_line(e), self.spool.path)
-                self._wake.wait(backoff)
-                self._wake.clear()
-                backoff = min(backoff * 2, 30.0)
+                # Back off: new records do not cut the wait short (retrying on every logged step would cost the
+                # training loop the CPU it needs); a draining job does.
+                self._retry.wait(backoff)
+                self._retry.clear()
+                backoff = min(backoff * 2, 10.0)
                 continue
             self.spool.set_flushed(offset)
             if self._outage_since is not None:
