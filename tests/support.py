@@ -11,6 +11,8 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,44 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "lora_exp", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class Job:
+    """``python -m lora_exp <command>`` as a subprocess whose log lines can be waited for as they come."""
+
+    def __init__(self, values: Path, cwd: Path, env: dict[str, str] | None = None, command: str = "train") -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "lora_exp", command, "-f", str(values)], cwd=cwd,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 300) -> bool:
+        """True once a line holds ``text``; False if the job ended without one."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(text in line for line in self.lines):
+                return True
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                return any(text in line for line in self.lines)
+            time.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {text!r}:\n{''.join(self.lines[-40:])}")
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
 
 
 def mlflow_client(tmp: Path):

@@ -12,9 +12,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,12 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from lora_exp.core.errors import PREEMPTED
-from support import experiment, mlflow_client, write_values
+from support import Job, experiment, mlflow_client, write_values
 
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 32  # 2 epochs of 16 steps; evaluation and a checkpoint every 8 steps
 SEED = 20261130
+THREADS = {"OMP_NUM_THREADS": "1"}  # every attempt the same: a thread count may change reduction order
 
 
 def _values(tmp: Path, out: str, group_by_length: bool = True) -> Path:
@@ -39,45 +37,6 @@ def _values(tmp: Path, out: str, group_by_length: bool = True) -> Path:
     }, runs={"lora": {"method": {"name": "lora", "r": 4, "dropout": 0.1}}})
     doc["experiment"]["defaults"]["output_root"] = str(tmp / out)
     return write_values(tmp, doc, name=f"{out}.yaml")
-
-
-class Job:
-    """`lora-exp train` in a subprocess whose log lines are read as they come."""
-
-    def __init__(self, values: Path, cwd: Path) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lora_exp", "train", "-f", str(values)], cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 180) -> bool:
-        """True once a line holds ``text``; False if the job ended first."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(text in line for line in self.lines):
-                return True
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                return any(text in line for line in self.lines)
-            time.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {text!r}:\n{''.join(self.lines[-40:])}")
-
-    def finish(self, timeout: float = 300) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
 
 
 KINDS = ["startup", "mid", "eval-save", "mid", "loop-start", "eval-save", "mid", "mid", "eval-save", "final",
@@ -120,7 +79,7 @@ def env(tiny_gpt2, toy_data, monkeypatch):
 
 
 def test_interrupted_at_random_moments_equals_uninterrupted(env, tmp_path):
-    reference = Job(_values(tmp_path, "reference"), tmp_path)
+    reference = Job(_values(tmp_path, "reference"), tmp_path, THREADS)
     assert reference.finish() == 0, reference.log[-3000:]
     ref_out = tmp_path / "reference" / "toy" / "lora"
 
@@ -133,7 +92,7 @@ def test_interrupted_at_random_moments_equals_uninterrupted(env, tmp_path):
         if moment is None or (out / "metrics.json").exists():
             continue
         text, sig, delay = moment
-        job = Job(values, tmp_path)
+        job = Job(values, tmp_path, THREADS)
         if not job.wait_for(text):
             assert job.finish() == 0, job.log[-3000:]  # the moment never came: the job finished first
             break
@@ -150,7 +109,7 @@ def test_interrupted_at_random_moments_equals_uninterrupted(env, tmp_path):
     kinds = {i[0] for i in interruptions}
     assert {"startup", "mid", "eval-save", "final"} <= kinds and {i[2] for i in interruptions} == {"SIGTERM", "SIGKILL"}
     if not (out / "metrics.json").exists():
-        final = Job(values, tmp_path)
+        final = Job(values, tmp_path, THREADS)
         assert final.finish() == 0, final.log[-3000:]
 
     # Bit-identical adapter, identical metrics and predictions.
@@ -183,14 +142,14 @@ def test_interrupted_at_random_moments_equals_uninterrupted(env, tmp_path):
 
 @pytest.mark.parametrize("group_by_length", [False])
 def test_random_sampler_resumes_exactly_too(env, tmp_path, group_by_length):
-    reference = Job(_values(tmp_path, "reference", group_by_length), tmp_path)
+    reference = Job(_values(tmp_path, "reference", group_by_length), tmp_path, THREADS)
     assert reference.finish() == 0, reference.log[-3000:]
     values = _values(tmp_path, "interrupted", group_by_length)
-    job = Job(values, tmp_path)
+    job = Job(values, tmp_path, THREADS)
     assert job.wait_for(f"step 11/{MAX_STEPS} ")
     job.proc.send_signal(signal.SIGTERM)
     assert job.finish() == PREEMPTED, job.log[-3000:]
-    again = Job(values, tmp_path)
+    again = Job(values, tmp_path, THREADS)
     assert again.finish() == 0, again.log[-3000:]
     ref, got = _adapter(tmp_path / "reference/toy/lora"), _adapter(tmp_path / "interrupted/toy/lora")
     assert all(torch.equal(ref[k], got[k]) for k in ref)

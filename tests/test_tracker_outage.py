@@ -13,7 +13,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from datetime import datetime
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lora_exp.core.errors import TRACKER_UNAVAILABLE
-from support import experiment, run_cli, write_values
+from support import Job, experiment, run_cli, write_values
 
 pytestmark = pytest.mark.slow
 PROGRESS = re.compile(r"^(\S+) INFO lora_exp.progress: step (\d+)/(\d+) .*\| ([\d.]+) samples/s")
@@ -77,30 +76,6 @@ def server(tmp_path):
     s.stop()
 
 
-class Job:
-    def __init__(self, values: Path, cwd: Path, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "lora_exp", "train", "-f", str(values)], cwd=cwd,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        end = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None and time.monotonic() < end, "".join(self.lines[-30:])
-            time.sleep(0.05)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
 def _values(tmp: Path, tiny_gpt2, toy_data, max_steps: int) -> Path:
     doc = experiment(tiny_gpt2, toy_data, tmp, training={
         "max_steps": max_steps, "logging_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
@@ -138,7 +113,7 @@ def test_training_keeps_its_pace_through_an_outage_and_everything_arrives(server
     steps, outage_s = 3000, 25.0
     job = Job(_values(tmp_path, tiny_gpt2, toy_data, steps), tmp_path,
               {"MLFLOW_TRACKING_URI": server.url, "LORA_EXP_TRACKING_DEADLINE": "180", "OMP_NUM_THREADS": "1"})
-    job.wait_for(f"step 200/{steps} ")
+    assert job.wait_for(f"step 200/{steps} ")
     down = time.time()
     server.stop()
     time.sleep(outage_s)
@@ -164,7 +139,7 @@ def test_server_down_at_the_end_exits_75_and_the_next_attempt_only_uploads(serve
     values = _values(tmp_path, tiny_gpt2, toy_data, steps)
     env = {"MLFLOW_TRACKING_URI": server.url, "LORA_EXP_TRACKING_DEADLINE": "5"}
     job = Job(values, tmp_path, env)
-    job.wait_for(f"step 100/{steps} ")
+    assert job.wait_for(f"step 100/{steps} ")
     server.stop()
     assert job.proc.wait(600) == TRACKER_UNAVAILABLE, job.log[-4000:]
     out = tmp_path / "outputs" / "toy" / "lora"

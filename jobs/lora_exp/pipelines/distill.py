@@ -21,11 +21,11 @@ from lora_exp.formulations.classifier import Classifier
 from lora_exp.methods import get_method
 from lora_exp.runtime.artifacts import load_trained, locate_artifact, read_spec
 from lora_exp.runtime.data import load_splits, subsample
-from lora_exp.runtime.fit import finished_metrics, fit
+from lora_exp.runtime.fit import train_run
 from lora_exp.runtime.models import load_tokenizer
 from lora_exp.runtime.prepare import Prepared
 from lora_exp.runtime.students import KDStudent, build_student
-from lora_exp.runtime.tracking import probe, run_tracking_uri
+from lora_exp.runtime.tracking import run_tracking_uri
 from lora_exp.runtime.trainer import prediction_trainer, seed_everything
 from lora_exp.tasks import ClassificationTask, Task, get_task
 
@@ -34,11 +34,7 @@ TEACHER_CACHE = "teacher_logits.npy"
 
 
 def distill(run: Run) -> dict[str, float]:
-    done = finished_metrics(run)
-    if done is not None:
-        return done
-    probe(run_tracking_uri(run))  # an absent tracking server is known now, not after the teacher ran
-    return fit(run, prepare_distill(run))
+    return train_run(run, prepare_distill)
 
 
 def resolve_teacher(run: Run, tmp: Path) -> tuple[Path, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from lora_exp.config.loading import Run
@@ -24,7 +25,7 @@ from lora_exp.methods import Method, count_parameters
 from lora_exp.runtime.artifacts import artifact_size_mb, write_spec
 from lora_exp.runtime.evaluation import evaluate_splits
 from lora_exp.runtime.prepare import Prepared
-from lora_exp.runtime.tracking import Tracker, mlflow_run, upload_pending
+from lora_exp.runtime.tracking import Tracker, mlflow_run, probe, run_tracking_uri, upload_pending
 from lora_exp.runtime.trainer import best_losses, build_trainer, describe_parallelism, peak_memory
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,16 @@ def finished_metrics(run: Run, state: RunDir | None = None) -> dict[str, float] 
     log.info("run %s already finished (%s); delete %s (or use --restart) to run it again", run.name, d.metrics,
              d.root)
     return dict(json.loads(d.metrics.read_text()))
+
+
+def train_run(run: Run, prepare_fn: Callable[[Run], Prepared]) -> dict[str, float]:
+    """What every training job does: nothing when finished (but upload what is pending), else check that the
+    tracking server answers (seconds, before any model loads), prepare, and fit."""
+    done = finished_metrics(run)
+    if done is not None:
+        return done
+    probe(run_tracking_uri(run))
+    return fit(run, prepare_fn(run))
 
 
 def record_spec(run: Run) -> None:

@@ -141,8 +141,20 @@ def with_eval_splits(task: Any, spec: RunSpec) -> Any:
     return replace(task, eval_splits=tuple(spec.task.eval_splits)) if spec.task.eval_splits else task
 
 
+class TaskChecks:
+    """What a registered task checks and binds for a run: no custom-task fields, a fitting formulation, the
+    run's eval splits. (A dataclass task mixes it in; ``custom`` builds its task from the spec instead.)"""
+
+    def for_run(self, spec: RunSpec) -> Any:
+        return with_eval_splits(self, spec)
+
+    def check_spec(self, spec: RunSpec) -> None:
+        reject_custom_fields(spec)
+        check_formulation(spec, self.for_run(spec))
+
+
 @dataclass(frozen=True)
-class ClassificationTask:
+class ClassificationTask(TaskChecks):
     """A sentence(-pair) classification task.
 
     ``template`` renders a row's text fields into the model's input. The classifier formulation reads
@@ -215,7 +227,3 @@ class ClassificationTask:
 
     def for_run(self, spec: RunSpec) -> ClassificationTask:
         return cast(ClassificationTask, with_eval_splits(self, spec))
-
-    def check_spec(self, spec: RunSpec) -> None:
-        reject_custom_fields(spec)
-        check_formulation(spec, self.for_run(spec))

@@ -7,16 +7,13 @@ Metrics follow the official SQuAD v2 evaluation script (``lora_exp.metrics.squad
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lora_exp.tasks.base import QA, check_formulation, register_task, reject_custom_fields, with_eval_splits
-
-if TYPE_CHECKING:
-    from lora_exp.config.schema import RunSpec
+from lora_exp.tasks.base import QA, TaskChecks, register_task
 
 
 @dataclass(frozen=True)
-class QATask:
+class QATask(TaskChecks):
     name: str = "squad_v2"
     hub_path: str | None = "rajpurkar/squad_v2"
     hub_config: str | None = None
@@ -48,12 +45,6 @@ class QATask:
             ds = ds.add_column("id", [str(i) for i in range(len(ds))])
         return ds.select_columns(["id", "question", "context", "answers"])
 
-    def check_spec(self, spec: RunSpec) -> None:
-        reject_custom_fields(spec)
-        check_formulation(spec, self.for_run(spec))
-
-    def for_run(self, spec: RunSpec) -> QATask:
-        return with_eval_splits(self, spec)  # type: ignore[no-any-return]
 
 
 SQUAD_V2 = register_task(QATask())

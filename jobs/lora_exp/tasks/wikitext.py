@@ -9,16 +9,13 @@ continues the first ``eval.prompt_tokens`` tokens and its continuation is scored
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lora_exp.tasks.base import LM, check_formulation, register_task, reject_custom_fields, with_eval_splits
-
-if TYPE_CHECKING:
-    from lora_exp.config.schema import RunSpec
+from lora_exp.tasks.base import LM, TaskChecks, register_task
 
 
 @dataclass(frozen=True)
-class LMTask:
+class LMTask(TaskChecks):
     name: str = "wikitext"
     hub_path: str | None = "Salesforce/wikitext"
     hub_config: str | None = "wikitext-2-raw-v1"
@@ -38,12 +35,6 @@ class LMTask:
     def normalise(self, ds: Any, split: str) -> Any:
         return ds.select_columns(["text"])
 
-    def check_spec(self, spec: RunSpec) -> None:
-        reject_custom_fields(spec)
-        check_formulation(spec, self.for_run(spec))
-
-    def for_run(self, spec: RunSpec) -> LMTask:
-        return with_eval_splits(self, spec)  # type: ignore[no-any-return]
 
 
 WIKITEXT = register_task(LMTask())
