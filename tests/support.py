@@ -120,9 +120,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 class Job:
     """``python -m lora_exp <command>`` as a subprocess whose log lines can be waited for as they come."""
 
-    def __init__(self, values: Path, cwd: Path, env: dict[str, str] | None = None, command: str = "train") -> None:
+    def __init__(self, values: Path, cwd: Path, env: dict[str, str] | None = None, command: str = "train",
+                 args: list[str] | None = None) -> None:
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "lora_exp", command, "-f", str(values)], cwd=cwd,
+        self.proc = subprocess.Popen([sys.executable, "-m", "lora_exp", command, "-f", str(values), *(args or [])],
+                                     cwd=cwd,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)

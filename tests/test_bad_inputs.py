@@ -413,6 +413,32 @@ CASES: list[tuple[str, list[Mutation], tuple[str, ...]]] = [
     ("offline-hub-data-not-cached", [S("task", {"name": "sst2"}), S("data", {}),
                                      ENV(HF_DATASETS_OFFLINE="1", HF_HOME="/nonexistent/hf")],
      ("nyu-mll/glue/sst2", "not in the local cache", "HF_DATASETS_OFFLINE")),
+    # --- repeats and sweeps
+    ("repeats-zero", [RUNS({"lora": {"repeats": 0}})], ("repeats",)),
+    ("repeats-and-seeds", [RUNS({"lora": {"repeats": 2, "seeds": [1, 2]}})], ("repeats or seeds, not both",)),
+    ("seeds-duplicated", [RUNS({"lora": {"seeds": [1, 1]}})], ("seeds", "duplicated")),
+    ("repeats-on-eval", [RUNS({"base": {"job": "eval", "repeats": 3}})], ("an eval run is deterministic",)),
+    ("no-such-repeat", [RUNS({"lora": {"repeats": 2}}), ARGS("--run", "lora/seed-7")], ("lora/seed-7", "42, 43")),
+    ("sweep-unknown-field", [S("sweep", {"metric": "validation_accuracy", "params": {
+        "training.lerning_rate": {"low": 1e-4, "high": 1e-2}}})], ("sweep.params.training.lerning_rate",
+                                                                   "no such field")),
+    ("sweep-empty-range", [S("sweep", {"metric": "validation_accuracy", "params": {
+        "training.learning_rate": {"low": 1e-2, "high": 1e-4}}})], ("empty range",)),
+    ("sweep-wrong-type", [S("sweep", {"metric": "validation_accuracy", "params": {
+        "method.r": {"choices": ["big", 4]}}})], ("sweep.params.method.r", "'big'")),
+    ("sweep-metric-unknown", [S("sweep", {"metric": "validation_bleu", "params": {
+        "method.r": {"choices": [2, 4]}}})], ("sweep.metric", "validation_bleu", "validation_accuracy")),
+    ("sweep-metric-split", [S("sweep", {"metric": "test_accuracy", "params": {"method.r": {"choices": [2, 4]}}})],
+     ("sweep.metric", "test_accuracy")),
+    ("sweep-grid-too-small", [S("sweep", {"metric": "validation_accuracy", "sampler": "grid", "trials": 5,
+                                          "params": {"method.r": {"choices": [2, 4]}}})], ("grid has 2 points",)),
+    ("sweep-grid-continuous", [S("sweep", {"metric": "validation_accuracy", "sampler": "grid", "params": {
+        "training.learning_rate": {"low": 1e-4, "high": 1e-2}}})], ("need choices or a step",)),
+    ("sweep-no-params", [S("sweep", {"metric": "validation_accuracy", "params": {}})], ("sweep.params",)),
+    ("sweep-with-repeats", [RUNS({"s": {"repeats": 2, "sweep": {"metric": "validation_accuracy", "params": {
+        "method.r": {"choices": [2, 4]}}}}})], ("a sweep's trials are single train runs",)),
+    ("sweep-varies-job", [S("sweep", {"metric": "validation_accuracy", "params": {"job": {"choices": ["eval"]}}})],
+     ("sweep.params.job", "not a field a trial can vary")),
     ("hub-task-without-hub-data", [S("task", {"name": "custom", "text_fields": ["text"], "labels": ["a", "b"]}),
                                    S("data", {"hub_path": ""})], ("data.hub_path",)),
 ]

@@ -46,7 +46,7 @@ def test_kd_and_no_kd_students_from_a_trained_teacher(student, tmp_path, tiny_gp
     distill = {"teacher": {"run": "teacher"}, "student": student, "temperature": 2.0}
     values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
         "teacher": {"method": {"name": "lora", "r": 4}},
-        "kd": {"job": "distill", "distill": {**distill, "alpha": 0.5}},
+        "kd": {"job": "distill", "distill": {**distill, "alpha": 0.5}, "repeats": 2},
         "no-kd": {"job": "distill", "distill": {**distill, "alpha": 0.0}},
     }))
     proc = run_cli("run", "-f", str(values), cwd=tmp_path)
@@ -55,15 +55,18 @@ def test_kd_and_no_kd_students_from_a_trained_teacher(student, tmp_path, tiny_gp
     client = mlflow_client(tmp_path)
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])}
     teacher_id = runs["teacher"].info.run_id
-    for name, kd in (("kd", "true"), ("no-kd", "false")):
+    for name, kd in (("kd/seed-42", "true"), ("kd/seed-43", "true"), ("no-kd", "false")):
         tags = runs[name].data.tags
         assert tags["method"] == "distill" and tags["kd"] == kd and tags["distill.teacher_run_id"] == teacher_id
         assert "validation_accuracy" in runs[name].data.metrics
         assert runs[name].data.params["distill.student.kind"] == student["kind"]
     out = tmp_path / "outputs" / "toy"
-    assert (out / "kd" / "teacher_logits.npy").exists()  # computed once, reused on resume
-    assert not (out / "no-kd" / "teacher_logits.npy").exists()  # no KD, no teacher pass
-    assert (out / "kd" / "final" / "model.safetensors").exists()
+    # Both repeats read the same rows (in their own order): the teacher runs once, the second reads the cache.
+    assert len(list((out / ".cache" / "teacher-logits").glob("*.npy"))) == 1
+    assert proc.stdout.count("computing teacher logits") == 1
+    assert proc.stdout.count("teacher logits from the shared cache") == 1
+    assert runs["kd/seed-42"].data.tags["lora_exp.group"] == "kd"
+    assert (out / "kd" / "seed-42" / "final" / "model.safetensors").exists()
 
 
 def test_a_kd_student_learns_what_its_teacher_says_not_the_labels(tmp_path, tiny_gpt2, toy_data, monkeypatch):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 from lora_exp.core.errors import PREEMPTED, USER_ERROR
 from support import experiment, mlflow_client, run_cli, write_values
@@ -38,24 +36,33 @@ def test_a_rerun_with_a_changed_spec_is_refused_and_restart_starts_afresh(tmp_pa
     assert sorted(r.data.params["training.learning_rate"] for r in runs) == ["0.001", "0.005"]
 
 
-def test_sigterm_before_training_exits_143_and_the_next_attempt_runs(tmp_path, tiny_gpt2, toy_data):
-    """While the model loads there is nothing to checkpoint: stop at once, cleanly (not killed by the signal)."""
+def test_sigterm_before_training_exits_143_and_the_next_attempt_runs(tmp_path, tiny_gpt2, toy_data, monkeypatch,
+                                                                    caplog):
+    """While the model loads there is nothing to checkpoint: stop at once, cleanly (exit 143, not killed by
+    the signal), and leave nothing the next attempt trips over. The SIGTERM is sent from inside model loading
+    (a test in another process could not be sure to land before the Trainer starts)."""
+    from lora_exp import cli
+    from lora_exp.runtime import models, prepare
+
     values = _values(tmp_path, tiny_gpt2, toy_data)
-    proc = subprocess.Popen([sys.executable, "-m", "lora_exp", "train", "-f", str(values)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # the data is loaded; the tokenizer and the model come next
-        seen.append(line)
-        if "run lora: lora on custom" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
-    log = "".join(seen) + rest
-    assert proc.returncode == PREEMPTED, log[-3000:]
-    assert "lora_exp.progress: training: " not in log  # stopped before the training loop
-    assert run_cli("train", "-f", str(values), cwd=tmp_path).returncode == 0
+    loading = models.load_model
+
+    def preempted_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loading(*args, **kwargs)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "load_model", preempted_while_loading)
+    try:
+        assert cli.main(["train", "-f", str(values)]) == PREEMPTED
+        assert "lora_exp.progress" not in caplog.text and "SIGTERM before or after training" in caplog.text
+        assert not list((tmp_path / "outputs").rglob("checkpoint-*"))
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+        assert cli.main(["train", "-f", str(values)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_an_attempt_killed_between_creating_the_run_and_recording_it_leaves_no_orphan(tmp_path, tiny_gpt2,

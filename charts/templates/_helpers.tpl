@@ -100,22 +100,48 @@ Job names would collide.
 {{- fail (printf "profile %q (run %q) is not defined under profiles; known: %s" $profileName $name (keys $.Values.profiles | sortAlpha | join ", ")) }}
 {{- end }}
 {{- $p := index $.Values.profiles $profileName }}
-{{- $slug := include "lora-exp.slug" $name }}
-{{- if not $slug }}
+{{- $baseSlug := include "lora-exp.slug" $name }}
+{{- if not $baseSlug }}
 {{- fail (printf "run name %q has no letter or digit to name a Job with" $name) }}
 {{- end }}
+{{- /* A run with repeats/seeds is one Job per seed (lora-exp names them <run>/seed-<seed>); the spec
+(validated by lora-exp itself in the validate init container) decides: the run's own keys over defaults. */}}
+{{- $merged := mergeOverwrite (deepCopy $defaults) (deepCopy $run) }}
+{{- $seeds := list "" }}
+{{- if $merged.seeds }}
+{{- $seeds = $merged.seeds }}
+{{- else if $merged.repeats }}
+{{- $training := $merged.training | default dict }}
+{{- $base := int (ternary $training.seed 42 (hasKey $training "seed")) }}
+{{- $seeds = list }}
+{{- range $i := until (int $merged.repeats) }}
+{{- $seeds = append $seeds (add $base $i) }}
+{{- end }}
+{{- end }}
+{{- range $seed := $seeds }}
+{{- $runName := ternary $name (printf "%s/seed-%v" $name $seed) (eq (toString $seed) "") }}
+{{- $slug := ternary $baseSlug (printf "%s-seed-%v" $baseSlug $seed) (eq (toString $seed) "") }}
 {{- $jobName := printf "%s-%s" $fullname $slug | trunc 50 | trimSuffix "-" }}
 {{- $jobName = printf "%s-r%d" $jobName (int $.Release.Revision) }}
 {{- if hasKey $jobNames $jobName }}
-{{- fail (printf "runs %q and %q both map to the Job name %q: rename one" (index $jobNames $jobName) $name $jobName) }}
+{{- fail (printf "runs %q and %q both map to the Job name %q: rename one" (index $jobNames $jobName) $runName $jobName) }}
 {{- end }}
-{{- $_ := set $jobNames $jobName $name }}
+{{- $_ := set $jobNames $jobName $runName }}
 {{- $job := $run.job | default $defaults.job | default "train" }}
 {{- $gpus := int ($p.gpus | default 0) }}
 {{- $nodes := int ($p.nodes | default 1) }}
 {{- $variant := ternary "cuda" "cpu" (gt $gpus 0) }}
 {{- $image := include "lora-exp.imageRef" (dict "image" $.Values.image "tag" (printf "%s-%s" $.Chart.AppVersion $variant)) }}
-{{- $runs = append $runs (dict "name" $name "slug" $slug "specKey" (printf "%s.yaml" $slug) "jobName" $jobName "profile" $profileName "job" $job "gpus" $gpus "nodes" $nodes "multiNode" (gt $nodes 1) "torchrun" (or (gt $gpus 1) (gt $nodes 1)) "image" $image) }}
+{{- $workers := 0 }}
+{{- if $merged.sweep }}
+{{- /* A sweep: an Indexed Job whose pods are the study's workers, one process each. */}}
+{{- if or (gt $gpus 1) (gt $nodes 1) }}
+{{- fail (printf "run %q is a sweep: its trials run one process each, so its profile %q must have at most one GPU and one node" $name $profileName) }}
+{{- end }}
+{{- $workers = int ($merged.sweep.workers | default 2) }}
+{{- end }}
+{{- $runs = append $runs (dict "name" $runName "base" $name "seed" (toString $seed) "slug" $slug "specKey" (printf "%s.yaml" $slug) "jobName" $jobName "profile" $profileName "job" $job "gpus" $gpus "nodes" $nodes "multiNode" (gt $nodes 1) "torchrun" (or (gt $gpus 1) (gt $nodes 1)) "image" $image "workers" $workers) }}
+{{- end }}
 {{- if not (has $profileName $profilesUsed) }}
 {{- $profilesUsed = append $profilesUsed $profileName }}
 {{- end }}
@@ -130,7 +156,8 @@ key, so an explicit false/0 in the experiment still wins; the run's own fields o
 lora-exp merges them). One run per file means the command needs no --run, which torchrun's launcher
 could not pass through (it would read --run as an abbreviation of its own --run-path).
 Emitted as JSON, which is YAML: numbers such as 3e-05 keep their type (toYaml writes 3e-05, which YAML
-1.1 readers take for a string). Argument: dict "root" $ "profile" <name> "run" <run name>.
+1.1 readers take for a string). Argument: dict "root" $ "profile" <name> "run" <run key> "seed" <seed of one
+repeat, or "">.
 */}}
 {{- define "lora-exp.specFile" -}}
 {{- $exp := deepCopy .root.Values.experiment }}
@@ -141,9 +168,17 @@ Emitted as JSON, which is YAML: numbers such as 3e-05 keep their type (toYaml wr
 {{- $_ := set $training $k $v }}
 {{- end }}
 {{- $_ := set $defaults "training" $training }}
+{{- $run := deepCopy (index $exp.runs .run | default dict) }}
+{{- if .seed }}
+{{- /* One repeat: the file's run repeats with exactly this seed (lora-exp names it <run>/seed-<seed>). */}}
+{{- $_ := unset $defaults "repeats" }}
+{{- $_ := unset $defaults "seeds" }}
+{{- $_ := unset $run "repeats" }}
+{{- $_ := set $run "seeds" (list (int .seed)) }}
+{{- end }}
 {{- $_ := set $exp "defaults" $defaults }}
-{{- $_ := set $exp "runs" (dict .run (index $exp.runs .run | default dict)) }}
-{{- printf "# lora-exp spec of run %q on profile %s (its training defaults are layered under experiment.defaults.training).\n" .run .profile }}
+{{- $_ := set $exp "runs" (dict .run $run) }}
+{{- printf "# lora-exp spec of run %q on profile %s (its training defaults are layered under experiment.defaults.training).\n" (ternary (printf "%s/seed-%s" .run .seed) .run (ne .seed "")) .profile }}
 {{- dict "experiment" $exp | toPrettyJson }}
 {{- end }}
 

@@ -30,12 +30,13 @@ TOOLS: dict[str, str] = {
     "generate": "lora_exp.pipelines.generate",
     "export": "lora_exp.pipelines.export",
 }
-RESTARTABLE = ("train", "distill", "run")
+RESTARTABLE = ("train", "distill", "run", "sweep")
 SPEC_COMMANDS = {
     "train": "fine-tune the train runs, then evaluate them",
     "eval": "evaluate: a base model (baseline), a trained artifact, or an MLflow run's model",
     "distill": "train the distill runs' students from their teacher (with and without KD)",
-    "run": "run each run as its spec says (job: train, eval or distill) and print a summary table",
+    "run": "run each run as its spec says (job: train, eval or distill; a sweep) and print a summary table",
+    "sweep": "run the trials of the runs that declare a sweep (one worker; start more to share the study)",
     "validate": "check the spec and local data files without loading any model",
 }
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in SPEC_COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         add_spec_arguments(p)
+        if name == "sweep":
+            p.add_argument("--worker", type=int, default=0, help="this worker's index (the chart's Job completion "
+                           "index): it resumes the trial it ran when it was stopped")
         if name in RESTARTABLE:
             p.add_argument("--restart", action="store_true",
                            help="move each run's existing directory aside (<run>.replaced-<time>) and start afresh, "
@@ -62,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_job(run: Run) -> dict[str, float]:
+def run_job(run: Run, worker: int = 0) -> dict[str, float]:
     """The pipeline for the run's job."""
+    if run.spec.sweep is not None:
+        from lora_exp.pipelines.sweep import sweep
+
+        return sweep(run, worker)
     if run.spec.job == tags.EVAL:
         from lora_exp.pipelines.evaluate import evaluate_run
 
@@ -97,6 +105,9 @@ def _only(job: str) -> Callable[[list[Run]], int]:
 
     def command(runs: list[Run]) -> int:
         for run in runs:
+            if run.spec.sweep is not None:
+                log.info("run %s: a sweep, skipped by '%s' (use 'lora-exp sweep' or 'run')", run.name, job)
+                continue
             if run.spec.job != job:
                 log.info("run %s: job is %r, skipped by '%s' (use 'lora-exp %s' or 'run')", run.name, run.spec.job,
                          job, run.spec.job)
@@ -113,6 +124,15 @@ def cmd_eval(runs: list[Run]) -> int:
 
     for run in runs:
         evaluate_run(run)
+    return errors.OK
+
+
+def cmd_sweep(runs: list[Run], worker: int = 0) -> int:
+    sweeps = [run for run in runs if run.spec.sweep is not None]
+    if not sweeps:
+        raise errors.UserError("no run declares a sweep (add `sweep:` to a run; see README: Sweeps)")
+    for run in sweeps:
+        run_job(run, worker)
     return errors.OK
 
 
@@ -140,9 +160,9 @@ COMMANDS: dict[str, Callable[[list[Run]], int]] = {
 
 def restart(runs: list[Run], command: str) -> None:
     """--restart: the runs this command would start move their directories aside first."""
-    jobs = {"train": (tags.TRAIN,), "distill": (tags.DISTILL,), "run": tags.TRAINING_JOBS}[command]
+    jobs = {"train": (tags.TRAIN,), "distill": (tags.DISTILL,), "run": tags.TRAINING_JOBS, "sweep": ()}[command]
     for run in runs:
-        if run.spec.job in jobs and run.dir.root.exists():
+        if (run.spec.job in jobs or (command in ("sweep", "run") and run.spec.sweep)) and run.dir.root.exists():
             log.info("run %s: --restart: %s moved to %s", run.name, run.dir.root, run.dir.archive())
 
 
@@ -167,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, "restart", False):
                 restart(runs, args.command)
             check_runs(runs)
+        if args.command == "sweep":
+            return cmd_sweep(runs, args.worker)
         return COMMANDS[args.command](runs)
     except errors.UserError as e:
         log.error("%s", e)

@@ -44,7 +44,7 @@ def test_configmap_spec_passes_lora_exp_validate(path: Path, render, tmp_path: P
     values = kt.values_file(path)
     objs = render(values, release=path.stem)
     files = spec_files(objs, tmp_path)
-    assert len(files) == len(values["experiment"]["runs"])  # one file per run
+    assert len(files) == len(resolve_runs(path))  # one file per run (per repeat of a repeated run)
     skipped = []
     for job in jobs(objs):
         run = job["metadata"]["annotations"]["lora-exp.io/run-name"]
@@ -75,7 +75,9 @@ def test_configmap_spec_resolves_to_the_values_file_runs(path: Path, render, tmp
     exp = yaml.safe_load(path.read_text())["experiment"]
     profile_training = kt.deep_merge(chart_values["profiles"][profile], values.get("profiles", {}).get(profile, {}))[
         "training"]
-    local = {r.name: r.spec.model_dump() for r in resolve_runs(path)}
+    resolved = resolve_runs(path)
+    local = {r.name: r.spec.model_dump() for r in resolved}
+    keys = {r.name: r.group or r.name for r in resolved}  # a repeat's fields are its run's
     pod = {}
     for spec_path in files.values():
         (r,) = resolve_runs(spec_path)
@@ -83,7 +85,7 @@ def test_configmap_spec_resolves_to_the_values_file_runs(path: Path, render, tmp
     assert sorted(pod) == sorted(local)
     for name, expected in local.items():
         explicit = {**(exp.get("defaults") or {}).get("training", {}),
-                    **((exp["runs"][name] or {}).get("training") or {})}
+                    **((exp["runs"][keys[name]] or {}).get("training") or {})}
         for key, value in profile_training.items():
             if key not in explicit:
                 expected["training"][key] = value

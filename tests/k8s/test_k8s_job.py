@@ -21,6 +21,7 @@ from k8s_helpers import (
     values_id,
 )
 from lora_exp.cli import build_parser
+from lora_exp.config.loading import resolve_runs
 
 SPEC_MOUNT = "/etc/lora-exp"
 
@@ -49,7 +50,7 @@ def test_every_run_of_a_values_file_gets_a_job(path: Path, render):
     values = kt.values_file(path)
     objs = render(values, release=path.stem)
     names = {j["metadata"]["annotations"]["lora-exp.io/run-name"] for j in jobs(objs)}
-    assert names == set(values["experiment"]["runs"])
+    assert names == {r.name for r in resolve_runs(path)}  # a repeated run: one Job per seed
     assert len({j["metadata"]["name"] for j in jobs(objs)}) == len(names)
     for j in jobs(objs):
         assert len(j["metadata"]["name"]) <= 58  # pod hostnames <job>-<index> stay DNS labels
@@ -134,16 +135,18 @@ def test_container_command_parses_with_the_real_cli(path: Path, profile: str, re
     parser = build_parser()
     for j in jobs(objs):
         run = j["metadata"]["annotations"]["lora-exp.io/run-name"]
+        key_of_run = run.split("/seed-")[0]  # a repeat runs its run's fields with its own seed
         main = container(j)
         args = parser.parse_args(cli_argv(main))
         assert args.command == j["metadata"]["labels"]["app.kubernetes.io/component"]
-        expected_job = (runs[run] or {}).get("job") or values["experiment"].get("defaults", {}).get("job") or "train"
+        expected_job = ((runs[key_of_run] or {}).get("job") or values["experiment"].get("defaults", {}).get("job")
+                        or "train")
         assert args.command == expected_job
         # The spec file (one per run) is in the ConfigMap and holds exactly this run.
         assert args.values.startswith(f"{SPEC_MOUNT}/")
         key = Path(args.values).name
         assert key in cm["data"]
-        assert list(yaml.safe_load(cm["data"][key])["experiment"]["runs"]) == [run]
+        assert list(yaml.safe_load(cm["data"][key])["experiment"]["runs"]) == [key_of_run]
         # --run names it too, except under torchrun (see test_torchrun_parses_the_launcher...).
         assert args.run == (None if main["args"][0] == "torchrun" else run)
         assert args.overrides == ["output_root=/outputs"]
@@ -308,3 +311,63 @@ def test_readme_exit_code_table_agrees_with_the_code_and_the_failure_policy(rend
         failing = {c for r in rules if r["action"] == "FailJob" for c in r["onExitCodes"]["values"]}
         assert failing == fail_job
         assert not failing & retried
+
+
+def _spec_runs(objs, job) -> list:
+    """The runs lora-exp resolves from the ConfigMap file a Job reads, with the args the Job passes."""
+    import tempfile
+
+    from lora_exp.config.loading import resolve_runs
+
+    (cm,) = kt.by_kind(objs, "ConfigMap")[:1]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    key = args[args.index("-f") + 1].rsplit("/", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / key
+        path.write_text(cm["data"][key])
+        run = args[args.index("--run") + 1] if "--run" in args else None
+        return resolve_runs(path, run)
+
+
+def test_repeats_render_one_job_per_seed_whose_spec_resolves_to_that_repeat(render):
+    objs = render(synthetic(experiment={"runs": {"lora_r8": {"repeats": 3, "training": {"seed": 7}},
+                                                 "twin": {"seeds": [11, 13]}}}))
+    by_run = {j["metadata"]["annotations"]["lora-exp.io/run-name"]: j for j in jobs(objs)}
+    assert set(by_run) == {"baseline", "lora_r8/seed-7", "lora_r8/seed-8", "lora_r8/seed-9", "twin/seed-11",
+                           "twin/seed-13"}
+    for name, job in by_run.items():
+        (run,) = _spec_runs(objs, job)  # the Job runs exactly its repeat, under its name
+        assert run.name == name
+        if "/seed-" in name:
+            assert run.spec.training.seed == run.spec.data.seed == int(name.rsplit("-", 1)[1])
+        assert not kt.k8s_errors(job, kt.KUBE_VERSIONS[-1])
+
+
+def test_a_sweep_renders_an_indexed_job_of_workers_sharing_the_study(render):
+    sweep = {"metric": "validation_accuracy", "trials": 6, "workers": 3,
+             "params": {"training.learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}}
+    objs = render(synthetic(experiment={"runs": {"lora_r8": {"sweep": sweep}}}))
+    job = next(j for j in jobs(objs) if j["metadata"]["annotations"]["lora-exp.io/run-name"] == "lora_r8")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    pod = spec["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[:2] == ["lora-exp", "sweep"] and args[-2:] == ["--worker", "$(SWEEP_WORKER)"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["SWEEP_WORKER"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    parsed = build_parser().parse_args([a.replace("$(SWEEP_WORKER)", "2") for a in args[1:]])
+    assert parsed.command == "sweep" and parsed.worker == 2 and parsed.run == "lora_r8"
+    validate = pod["initContainers"][0]["args"]
+    assert validate[:2] == ["lora-exp", "validate"] and "sweep" not in validate
+    (run,) = _spec_runs(objs, job)
+    assert run.spec.sweep is not None and run.spec.sweep.workers == 3
+    assert not kt.k8s_errors(job, kt.KUBE_VERSIONS[0]) and not kt.k8s_errors(job, kt.KUBE_VERSIONS[-1])
+
+
+def test_a_sweep_on_a_multi_gpu_profile_fails_to_render(render):
+    import helm_python
+
+    sweep = {"metric": "validation_accuracy", "params": {"method.r": {"choices": [2, 4]}}}
+    with pytest.raises(helm_python.HelmError, match="is a sweep"):
+        render(synthetic(profile="a100-80g-x4", experiment={"runs": {"lora_r8": {"sweep": sweep}}}))

@@ -24,17 +24,26 @@ from lora_exp.core.layout import RunDir
 
 
 class Run(BaseModel):
-    """A resolved run and where it came from (for messages and MLflow tags)."""
+    """A resolved run and where it came from (for messages and MLflow tags). A repeat of a run that declares
+    ``repeats``/``seeds`` is named ``<run>/seed-<seed>`` and belongs to the group ``<run>``."""
 
     model_config = ConfigDict(frozen=True)
     experiment: str
     name: str
     spec: RunSpec
     source: str
+    group: str | None = None
+    sweep: str | None = None  # the sweep (run key) this run is a trial of
+    parent_run_id: str | None = None  # its MLflow parent run (the sweep's)
+
+    @property
+    def experiment_dir(self) -> Path:
+        """Where every run of the experiment writes: ``<output_root>/<experiment>``."""
+        return Path(self.spec.output_root) / self.experiment
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.spec.output_root) / self.experiment / self.name
+        return self.experiment_dir / self.name
 
     @property
     def dir(self) -> RunDir:
@@ -54,10 +63,50 @@ class _SpecChecker(Protocol):
 
 
 def check_run(spec: RunSpec) -> None:
-    """What the schema alone cannot see: does the spec fit its task (fields, template, formulation) and its
-    method (e.g. head-only needs a head)? Each plugin raises SpecError naming the field."""
+    """What the schema alone cannot see: does the spec fit its task (fields, template, formulation, the
+    metric a sweep optimises) and its method (e.g. head-only needs a head)? Each plugin raises SpecError
+    naming the field. A sweep's fields must be spec fields that take the values it tries."""
     cast(_SpecChecker, registry.TASKS.get(spec.task.name)).check_spec(spec)
     cast(_SpecChecker, registry.METHODS.get(spec.method.name)).check_spec(spec)
+    if spec.sweep is not None:
+        check_sweep_params(spec)
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of ``doc`` with the dotted ``path`` set to ``value``."""
+    return deep_merge(doc, _nested(path.split("."), value))
+
+
+def _nested(parts: list[str], value: Any) -> dict[str, Any]:
+    return {parts[0]: _nested(parts[1:], value) if len(parts) > 1 else value}
+
+
+def trial_spec(spec: RunSpec, values: dict[str, Any]) -> RunSpec:
+    """The spec of one sweep trial: ``values`` (dotted path -> value) set, the sweep itself removed."""
+    doc = spec.model_dump(mode="json", exclude={"sweep"})
+    for path, value in values.items():
+        doc = set_path(doc, path, value)
+    return RunSpec.model_validate(doc)
+
+
+def check_sweep_params(spec: RunSpec) -> None:
+    """Every searched field exists and takes every value tried (the range's ends, each choice)."""
+    assert spec.sweep is not None
+    for path, param in spec.sweep.params.items():
+        if path.split(".")[0] in ("sweep", "repeats", "seeds", "job"):
+            raise SpecError(f"sweep.params.{path}: not a field a trial can vary")
+        tried = param.choices if param.choices is not None else [param.low, param.high]
+        for value in tried:
+            if param.is_int and isinstance(value, float):
+                value = int(value)
+            try:
+                check_run(trial_spec(spec, {path: value}))
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(x) for x in first["loc"])
+                problem = "no such field" if first["type"] == "extra_forbidden" else first["msg"]
+                raise SpecError(f"sweep.params.{path}: {value!r} does not fit the spec ({where}: {problem})") \
+                    from None
 
 
 def parse_run_spec(data: Any) -> RunSpec:
@@ -187,9 +236,10 @@ def resolve_runs(
 ) -> list[Run]:
     """Resolve the values file's runs (or the one named) into validated, checked specs, in file order."""
     exp = load_experiment(path)
-    if run is not None and run not in exp.runs:
+    base = run.split("/seed-", 1)[0] if run is not None else None
+    if base is not None and base not in exp.runs:
         raise SpecError(f"{path}: no run named {run!r}; runs are: {', '.join(exp.runs)}")
-    names = [run] if run is not None else list(exp.runs)
+    names = [base] if base is not None else list(exp.runs)
     sets = parse_set(overrides or [])
     resolved = []
     for name in names:
@@ -205,8 +255,45 @@ def resolve_runs(
             raise SpecError(format_errors(e, f"{path}: run {name!r}: ", origins)) from None
         except SpecError as e:
             raise SpecError(f"{path}: run {name!r}: {e}") from None
-        resolved.append(Run(experiment=exp.name, name=name, spec=spec, source=str(path)))
+        resolved += expand_repeats(Run(experiment=exp.name, name=name, spec=spec, source=str(path)))
+    if run is not None and base is not None and run != base:
+        resolved = [r for r in resolved if r.name == run]
+        if not resolved:
+            raise SpecError(f"{path}: no run named {run!r}; run {base!r} repeats with seeds "
+                            f"{[s.spec.training.seed for s in expand_repeats_of(exp, base, sets)]}")
     return resolved
+
+
+def repeat_seeds(spec: RunSpec) -> list[int] | None:
+    """The seeds a run repeats with (None: it runs once, as it is)."""
+    if spec.seeds is not None:
+        return list(spec.seeds)
+    if spec.repeats is not None:
+        return [spec.training.seed + i for i in range(spec.repeats)]
+    return None
+
+
+def expand_repeats(run: Run) -> list[Run]:
+    """One run per seed, ``<run>/seed-<seed>``, with training.seed and data.seed set to it (so the data order,
+    subset, initialisation and dropout all follow the seed) and ``seeds: [seed]`` (so that a spec file holding
+    one repeat resolves to the same name)."""
+    seeds = repeat_seeds(run.spec)
+    if seeds is None:
+        return [run]
+    out = []
+    for seed in seeds:
+        spec = run.spec.model_copy(update={
+            "repeats": None, "seeds": [seed],
+            "training": run.spec.training.model_copy(update={"seed": seed}),
+            "data": run.spec.data.model_copy(update={"seed": seed}),
+        })
+        out.append(run.model_copy(update={"name": f"{run.name}/seed-{seed}", "spec": spec, "group": run.name}))
+    return out
+
+
+def expand_repeats_of(exp: ExperimentFile, name: str, sets: dict[str, Any]) -> list[Run]:
+    spec = RunSpec.model_validate(deep_merge(deep_merge(exp.defaults, exp.runs[name] or {}), sets))
+    return expand_repeats(Run(experiment=exp.name, name=name, spec=spec, source=""))
 
 
 def check_teacher_run(exp: ExperimentFile, spec: RunSpec) -> None:

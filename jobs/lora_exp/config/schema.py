@@ -59,7 +59,7 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1)]
 
 
-def _unique(values: list[str] | None) -> list[str] | None:
+def _unique(values: list[Any] | None) -> list[Any] | None:
     if values is not None:
         dupes = sorted({v for v in values if values.count(v) > 1})
         if dupes:
@@ -319,8 +319,9 @@ class EvalSpec(Strict):
 class TeacherSpec(Strict):
     """The fine-tuned teacher: one of a run of this values file, an artifact path, or an MLflow run."""
 
-    run: Name | None = Field(None, description="A train run of this experiment (<output_root>/<experiment>/<run>/"
-                             "final), in this values file or another.")
+    run: Annotated[str, StringConstraints(pattern=NAME_PATTERN[:-1] + r"(/seed-\d+)?$")] | None = Field(
+        None, description="A train run of this experiment (<output_root>/<experiment>/<run>/final), in this values "
+        "file or another; of a repeated run, name one repeat (<run>/seed-<seed>).")
     model_path: Text | None = Field(None, description="A lora-exp artifact directory (adapter, head or full model).")
     mlflow_run_id: Text | None = Field(None, description="The MLflow run whose 'model' artifact is the teacher.")
 
@@ -357,6 +358,76 @@ class DistillSpec(Strict):
     temperature: float = Field(2.0, gt=0.0, description="Softens both distributions (seed 004: 2).")
 
 
+class SweepParam(Strict):
+    """One searched field: a list of choices, or a numeric range (integers when low, high and step are)."""
+
+    choices: Annotated[list[Any], Field(min_length=1)] | None = Field(None, description="Values to choose from.")
+    low: float | None = Field(None, description="Range: smallest value.")
+    high: float | None = Field(None, description="Range: largest value.")
+    log: bool = Field(False, description="Range: sample on a log scale (learning rates).")
+    step: float | None = Field(None, gt=0, description="Range: spacing of the values (and the grid's points).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SweepParam:
+        ranged = self.low is not None or self.high is not None
+        if (self.choices is not None) == ranged:
+            raise ValueError("give choices, or low and high (a range)")
+        if ranged and (self.low is None or self.high is None or not self.low < self.high):
+            raise ValueError(f"empty range: low {self.low} must be below high {self.high}")
+        if ranged and self.log and self.low is not None and self.low <= 0:
+            raise ValueError("log: the range must be positive")
+        if self.choices is not None and len({repr(c) for c in self.choices}) != len(self.choices):
+            raise ValueError("choices: each value once")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return all(v is not None and float(v).is_integer() for v in (self.low, self.high)) and (
+            self.step is not None and float(self.step).is_integer())
+
+    def grid(self) -> list[Any] | None:
+        """The values a grid search visits (None: a continuous range has no grid)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None or self.low is None or self.high is None:
+            return None
+        n = int(round((self.high - self.low) / self.step)) + 1
+        values = [self.low + i * self.step for i in range(n)]
+        return [int(v) for v in values] if self.is_int else values
+
+
+class SweepSpec(Strict):
+    """A hyper-parameter search over spec fields with Optuna: each trial is one run (an MLflow child run of the
+    sweep's parent run); workers (processes, or the pods of the chart's Indexed Job) share one study."""
+
+    params: Annotated[dict[Text, SweepParam], Field(min_length=1)] = Field(
+        description="Spec field (dotted path, e.g. training.learning_rate, method.r) -> what to try.")
+    metric: Text = Field(description="The final metric to optimise, <split>_<metric> (e.g. validation_accuracy).")
+    direction: Literal["maximize", "minimize"] | None = Field(
+        None, description="Default: minimize for loss/perplexity, else maximize.")
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna's sampler.")
+    trials: int = Field(8, ge=1, le=10_000, description="The trial budget, all workers together.")
+    workers: int = Field(2, ge=1, le=64, description="Parallel workers (the chart's Indexed Job pods).")
+    seed: int = Field(0, description="The sampler's seed.")
+    storage: Text | None = Field(
+        None, description="Optuna storage URL (e.g. postgresql://...); default a journal file beside the trials "
+        "(<output_root>/<experiment>/<run>/study.journal), which workers on one shared volume use together.")
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> SweepSpec:
+        if self.sampler == "grid":
+            grids = {k: p.grid() for k, p in self.params.items()}
+            missing = [k for k, g in grids.items() if g is None]
+            if missing:
+                raise ValueError(f"grid: params {missing} need choices or a step")
+            size = 1
+            for g in grids.values():
+                size *= len(g or [])
+            if self.trials > size:
+                raise ValueError(f"grid: {self.trials} trials but the grid has {size} points")
+        return self
+
+
 class RunSpec(Strict):
     """One fully resolved run: what a single Kubernetes Job or local command executes."""
 
@@ -377,9 +448,25 @@ class RunSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     distill: DistillSpec | None = Field(None, description="distill jobs: teacher, student and loss weights.")
     output_root: Text = Field("outputs", description="Checkpoints and results go to <output_root>/<experiment>/<run>.")
+    repeats: int | None = Field(
+        None, ge=1, le=100,
+        description="Train this run N times, with seeds training.seed, training.seed+1, ...: one run per seed, named "
+        "<run>/seed-<seed>, which reports aggregate (mean and 95% interval; tests between arms).",
+    )
+    seeds: Annotated[list[int], Field(min_length=1), AfterValidator(_unique)] | None = Field(
+        None, description="Or the seeds themselves. Each repeat's seed drives the data order, subset, "
+        "initialisation and dropout (training.seed and data.seed).",
+    )
+    sweep: SweepSpec | None = Field(None, description="Search hyper-parameters: `lora-exp sweep` runs the trials.")
 
     @model_validator(mode="after")
     def _coherent(self) -> RunSpec:
+        if self.repeats is not None and self.seeds is not None:
+            raise ValueError("give repeats or seeds, not both")
+        if (self.repeats or self.seeds) and self.job == "eval":
+            raise ValueError("repeats/seeds: an eval run is deterministic; repeat the runs that train")
+        if self.sweep is not None and (self.repeats or self.seeds or self.job != "train"):
+            raise ValueError("sweep: a sweep's trials are single train runs (no repeats/seeds, job train)")
         # Checks that need a task's or method's knowledge run in their modules (``check_spec``), called by
         # ``lora_exp.config.loading.check_run`` once the fields themselves are valid.
         if (self.job == "distill") != (self.distill is not None):

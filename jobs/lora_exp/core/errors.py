@@ -28,8 +28,11 @@ class DataError(UserError):
     """A data file or data set does not fit the task."""
 
 
-class Preempted(Exception):
-    """The job received SIGTERM and stopped after saving a checkpoint."""
+class Preempted(BaseException):
+    """The job received SIGTERM: it stopped (after saving a checkpoint when it was training).
+
+    A BaseException, like KeyboardInterrupt: the signal handler raises it wherever the main thread is, and a
+    library's ``except Exception`` (a retry loop, an error wrapper) must not swallow it."""
 
     exit_code = PREEMPTED
 

@@ -29,6 +29,7 @@ class Bars:
     values: list[float | None]
     colors: list[str]
     hatched: list[bool] = field(default_factory=list)  # e.g. baselines
+    intervals: list[tuple[float, float] | None] = field(default_factory=list)  # 95% intervals: error bars
 
 
 @dataclass
@@ -84,6 +85,10 @@ def bar_chart(panels: Sequence[Bars], path: Path, title: str | None = None) -> P
         xs = range(len(p.labels))
         heights = [v if v is not None else 0.0 for v in p.values]
         bars = ax.bar(xs, heights, color=p.colors)
+        for x, v, ci in zip(xs, p.values, p.intervals or [None] * len(p.values), strict=True):
+            if ci is not None and v is not None:
+                ax.errorbar(x, v, yerr=[[v - ci[0]], [ci[1] - v]], fmt="none", ecolor="black", capsize=3,
+                            linewidth=1)
         for bar, hatch, v in zip(bars, p.hatched or [False] * len(bars), p.values, strict=True):
             if hatch:
                 bar.set_hatch("//")

@@ -35,7 +35,9 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 
 def install() -> None:
-    """Route SIGTERM to this module for the rest of the process (main thread only; elsewhere a no-op)."""
+    """Route SIGTERM to this module for the rest of the process (main thread only; elsewhere a no-op), with no
+    request pending (a process that runs several commands, a test, starts each afresh)."""
+    _state["requested"] = False
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _handler)
@@ -44,11 +46,6 @@ def install() -> None:
 
 def requested() -> bool:
     return bool(_state["requested"])
-
-
-def reset() -> None:
-    """Forget a past request (tests run several jobs in one process)."""
-    _state["requested"] = False
 
 
 @contextlib.contextmanager

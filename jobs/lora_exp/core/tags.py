@@ -16,6 +16,10 @@ VALUES_FILE = "lora_exp.values_file"
 RUN_KEY = "lora_exp.run"  # the run's key in its values file
 EXPERIMENT = "lora_exp.experiment"
 RELEASE = "lora_exp.release"  # the Helm release, set by the chart
+GROUP = "lora_exp.group"  # the run key of which a run is one repeat (repeats/seeds): reports aggregate the group
+SEED = "lora_exp.seed"
+SWEEP_OF = "lora_exp.sweep"  # the sweep (run key) a trial belongs to
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under their parent
 RUN_UID = "lora_exp.run_uid"  # the key in the run's directory: reattaches an attempt killed before recording the id
 EVAL_SOURCE = "eval.source"  # what an eval job evaluated
 KD = "kd"  # distill jobs: whether the teacher's soft targets were used
@@ -27,7 +31,7 @@ SELECTION = "lora_exp.selection"
 COMPARED_RUNS = "lora_exp.compared_runs"
 
 # Values of ``job``
-TRAIN, EVAL, DISTILL, SANITY, COMPARE = "train", "eval", "distill", "sanity", "compare"
+TRAIN, EVAL, DISTILL, SANITY, COMPARE, SWEEP = "train", "eval", "distill", "sanity", "compare", "sweep"
 TRAINING_JOBS = (TRAIN, DISTILL)  # jobs that train (loss curves, trainable parameters, an artifact)
 RESULT_JOBS = (*TRAINING_JOBS, EVAL)  # jobs whose runs hold results; compare/sanity runs never do
 

@@ -61,6 +61,10 @@ class FormulationType(Protocol):
     def training_metrics(cls, task: Any) -> tuple[str, ...]:
         """The metrics in-training evaluation reports (``eval_<name>``): what early stopping may watch."""
 
+    @classmethod
+    def final_metrics(cls, task: Any) -> tuple[str, ...]:
+        """The metrics the final evaluation reports per split (``<split>_<name>``): what a sweep may optimise."""
+
 
 def check_early_stopping(spec: RunSpec, kind: str, metrics: tuple[str, ...]) -> None:
     es = spec.training.early_stopping
@@ -69,6 +73,19 @@ def check_early_stopping(spec: RunSpec, kind: str, metrics: tuple[str, ...]) -> 
                         f"formulation {kind!r}; choose one of {list(metrics)}")
     if es is not None and es.metric == "loss" and es.greater_is_better:
         raise SpecError("training.early_stopping.greater_is_better: the loss improves as it falls; set it to false")
+
+
+def check_sweep_metric(spec: RunSpec, task: Any, kind: str, metrics: tuple[str, ...]) -> None:
+    """A sweep optimises a metric the final evaluation reports: ``<eval split>_<metric>``."""
+    if spec.sweep is None:
+        return
+    name = spec.sweep.metric
+    splits = sorted(task.eval_splits, key=len, reverse=True)
+    split = next((s for s in splits if name.startswith(s + "_")), None)
+    if split is None or name[len(split) + 1:] not in metrics:
+        choices = [f"{s}_{m}" for s in task.eval_splits for m in metrics]
+        raise SpecError(f"sweep.metric: {name!r} is not reported by formulation {kind!r} on this task; choose one of "
+                        f"{choices[:12]}")
 
 
 def register_formulation(cls: _F) -> _F:
@@ -103,8 +120,13 @@ class NoTrainingMetrics:
         return ("loss",)
 
     @classmethod
+    def final_metrics(cls, task: Any) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @classmethod
     def check_spec(cls, spec: RunSpec, task: Any) -> None:
         check_early_stopping(spec, cls.kind, cls.training_metrics(task))
+        check_sweep_metric(spec, task, cls.kind, cls.final_metrics(task))
 
     def preprocess_logits(self, logits: Any, labels: Any) -> Any:
         return logits

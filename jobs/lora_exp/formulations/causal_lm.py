@@ -41,6 +41,10 @@ class CausalLM(NoTrainingMetrics):
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
 
     @classmethod
+    def final_metrics(cls, task: LMTask) -> tuple[str, ...]:
+        return ("loss", "perplexity", "bleu", "sacrebleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "meteor")
+
+    @classmethod
     def build(cls, task: LMTask, spec: RunSpec, tokenizer: Any) -> CausalLM:
         e = spec.eval
         return cls(task, tokenizer, spec.model.max_length, e.generation_samples, e.prompt_tokens, e.max_new_tokens)

@@ -17,7 +17,7 @@ import numpy as np
 
 from lora_exp.core.errors import SpecError
 from lora_exp.core.plots import confusion_matrix_chart
-from lora_exp.formulations.base import check_early_stopping, map_batches
+from lora_exp.formulations.base import check_early_stopping, check_sweep_metric, map_batches
 from lora_exp.tasks import CLASSIFICATION, ClassificationTask
 from lora_exp.tasks.base import check_template
 
@@ -58,6 +58,11 @@ class ClassificationFormulation:
                     + (f"; unknown {extra}" if extra else "")
                 )
         check_early_stopping(spec, cls.kind, cls.training_metrics(task))
+        check_sweep_metric(spec, task, cls.kind, cls.final_metrics(task))
+
+    @classmethod
+    def final_metrics(cls, task: ClassificationTask) -> tuple[str, ...]:
+        return cls.training_metrics(task)
 
     def encode(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         raise NotImplementedError

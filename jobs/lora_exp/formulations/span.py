@@ -45,6 +45,10 @@ class SpanExtraction(NoTrainingMetrics):
     peft_task_type: ClassVar[str] = "QUESTION_ANS"
 
     @classmethod
+    def final_metrics(cls, task: QATask) -> tuple[str, ...]:
+        return ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")
+
+    @classmethod
     def build(cls, task: QATask, spec: RunSpec, tokenizer: Any) -> SpanExtraction:
         return cls(task, tokenizer, spec.model.max_length, spec.task.doc_stride or 128,
                    spec.task.max_answer_length or 30)

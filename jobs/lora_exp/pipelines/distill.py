@@ -1,15 +1,20 @@
-"""The distill job: teacher logits (computed once, cached), a fresh student, the KD loss, then the same
-training path as every method (``lora_exp.runtime.fit``): this module only builds the ``Prepared`` bundle
-(datasets carrying ``teacher_logits``, a ``KDStudent`` model) that path consumes."""
+"""The distill job: teacher logits (computed once per teacher and rows, shared by the students), a fresh
+student, the KD loss, then the same training path as every method (``lora_exp.runtime.fit``): this module
+only builds the ``Prepared`` bundle (datasets carrying ``teacher_logits``, a ``KDStudent`` model) that path
+consumes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from lora_exp.config.loading import Run
 from lora_exp.config.schema import RunSpec
@@ -30,7 +35,7 @@ from lora_exp.runtime.trainer import prediction_trainer, seed_everything
 from lora_exp.tasks import ClassificationTask, Task, get_task
 
 log = logging.getLogger(__name__)
-TEACHER_CACHE = "teacher_logits.npy"
+TEACHER_CACHE_DIR = ".cache/teacher-logits"  # under <output_root>/<experiment>
 
 
 def distill(run: Run) -> dict[str, float]:
@@ -43,7 +48,7 @@ def resolve_teacher(run: Run, tmp: Path) -> tuple[Path, str]:
     t = run.spec.distill.teacher
     model_path = t.model_path
     if t.run:  # a run of this experiment: say which one must finish first
-        model_path = str(run.output_dir.parent / t.run / "final")
+        model_path = str(run.experiment_dir / t.run / "final")
         if not (Path(model_path) / SPEC_FILE).is_file():
             raise UserError(f"distill.teacher: no lora-exp artifact at {model_path}; train run {t.run!r} first")
     path = locate_artifact(model_path, t.mlflow_run_id, tmp, run_tracking_uri(run))
@@ -52,24 +57,47 @@ def resolve_teacher(run: Run, tmp: Path) -> tuple[Path, str]:
     return path, artifact_run_dir(path).mlflow_run_id() or str(path)
 
 
+def teacher_identity(run: Run, teacher_dir: Path) -> str:
+    """What makes two teachers the same: an MLflow run id, or the artifact's place and files (a retrained
+    teacher rewrites them, so its logits are computed afresh)."""
+    assert run.spec.distill is not None
+    if run.spec.distill.teacher.mlflow_run_id:
+        return f"mlflow:{run.spec.distill.teacher.mlflow_run_id}"
+    files = sorted((str(f.relative_to(teacher_dir)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in teacher_dir.rglob("*") if f.is_file())
+    return json.dumps([str(teacher_dir.resolve()), files])
+
+
 def teacher_logits(run: Run, teacher_dir: Path, teacher_spec: RunSpec, task: Task, train_raw: Any, tokenizer: Any,
                    tmp: Path) -> np.ndarray:
-    """The teacher's per-label scores on the training rows, cached in the run's output dir."""
-    cache = run.output_dir / TEACHER_CACHE
-    if cache.is_file():
-        cached = np.load(cache)
-        if len(cached) == len(train_raw):
-            log.info("teacher logits from cache %s", cache)
-            return np.asarray(cached)
+    """The teacher's per-label scores on the training rows, computed once per teacher and set of rows and
+    shared by every student of the experiment (the repeats of a student see the same rows in another order:
+    the cache holds them in a canonical order, keyed by the teacher and the teacher's own tokenized inputs)."""
     form = build_formulation(teacher_spec, task, tokenizer)
-    model, source = load_trained(teacher_spec, teacher_dir, form, tokenizer, task)
-    log.info("computing teacher logits (%s) for %d rows", source, len(train_raw))
-    trainer = prediction_trainer(model, form, tokenizer, run.spec.training.per_device_eval_batch_size, tmp)
-    scores = np.asarray(trainer.predict(form.tokenize(train_raw)).predictions, dtype=np.float32)
-    if trainer.is_world_process_zero():
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        np.save(cache, scores)
-    return scores
+    inputs = form.tokenize(train_raw)
+    encoded = [tuple(ids) for ids in inputs["input_ids"]]
+    order = sorted(range(len(encoded)), key=encoded.__getitem__)  # canonical: row order[j] is the j-th
+    digest = hashlib.sha256(teacher_identity(run, teacher_dir).encode())
+    for i in order:
+        digest.update(np.asarray(encoded[i], dtype=np.int64).tobytes() + b"|")
+    cache = run.experiment_dir / TEACHER_CACHE_DIR / f"{digest.hexdigest()[:32]}.npy"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock", timeout=24 * 3600):  # students starting together compute it once
+        if cache.is_file():
+            log.info("teacher logits from the shared cache %s", cache)
+            canonical = np.load(cache)
+        else:
+            model, source = load_trained(teacher_spec, teacher_dir, form, tokenizer, task)
+            log.info("computing teacher logits (%s) for %d rows into %s", source, len(train_raw), cache)
+            trainer = prediction_trainer(model, form, tokenizer, run.spec.training.per_device_eval_batch_size, tmp)
+            canonical = np.asarray(trainer.predict(inputs).predictions, dtype=np.float32)[order]
+            if trainer.is_world_process_zero():
+                partial = cache.with_name(cache.name + ".tmp.npy")
+                np.save(partial, canonical)
+                os.replace(partial, cache)
+    rows: np.ndarray = np.empty_like(canonical)
+    rows[order] = canonical
+    return rows
 
 
 def prepare_distill(run: Run) -> Prepared:

@@ -1,5 +1,5 @@
-"""The numbers a comparison reads from MLflow runs: each run's final ``<split>_<metric>`` values, the
-change of every fine-tuned run over its baseline, seed 003's method table, and the method and KD groups.
+"""The numbers a comparison reads from MLflow runs: each run's final ``<split>_<metric>`` values and seed
+003's method table (arms, their comparisons and statistics: ``lora_exp.reports.arms``).
 Nothing here depends on the task kind: splits and metrics are discovered from the metric names, so
 classification, QA and LM runs compare alike."""
 
@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_exp.core import tags
-from lora_exp.methods import get_method, method_names
 from lora_exp.reports.selection import RunInfo
 
 log = logging.getLogger(__name__)
@@ -80,43 +79,6 @@ def role(t: Table) -> str:
     return "baseline" if t.info.is_baseline else "fine-tuned"
 
 
-def baselines_for(run: Table, baselines: list[Table]) -> list[Table]:
-    """Baselines of the run's task; narrowed to the same model, then the same experiment, where any match
-    (a custom task is named 'custom' in every experiment, and a task may be run on several base models)."""
-    found = [b for b in baselines if b.info.task == run.info.task]
-    for same in (lambda b: b.info.model == run.info.model, lambda b: b.info.experiment == run.info.experiment):
-        narrowed = [b for b in found if same(b)]
-        found = narrowed or found
-    return found
-
-
-def improvements(tables: list[Table]) -> list[dict[str, Any]]:
-    """One record per (fine-tuned run, baseline, split, metric) the two share."""
-    baselines = [t for t in tables if t.info.is_baseline]
-    out = []
-    for run in (t for t in tables if not t.info.is_baseline):
-        for base in baselines_for(run, baselines):
-            for split, metrics in run.splits.items():
-                for metric, value in metrics.items():
-                    before = base.splits.get(split, {}).get(metric)
-                    if before is None or metric in NOT_SCORES:
-                        continue
-                    out.append(_change(run, base, split, metric, before, value))
-    return out
-
-
-def _change(run: Table, base: Table, split: str, metric: str, before: float, after: float) -> dict[str, Any]:
-    delta = after - before
-    return {
-        "run": run.info.name, "run_id": run.info.run_id, "method": run.info.method, "task": run.info.task,
-        "baseline": base.info.name, "baseline_run_id": base.info.run_id,
-        "split": split, "metric": metric, "baseline_value": before, "value": after,
-        "abs_change": delta, "rel_change": delta / abs(before) if before else None,
-        "higher_is_better": higher_is_better(metric),
-        "improved": delta > 0 if higher_is_better(metric) else delta < 0,
-    }
-
-
 def comparison_rows(tables: list[Table]) -> list[dict[str, Any]]:
     """One row per run: who it is, then every final ``<split>_<metric>``."""
     rows = []
@@ -177,27 +139,3 @@ def method_rows(client: Any, tables: list[Table]) -> list[dict[str, Any]]:
             row["teacher_run_id"] = t.info.tags.get(tags.TEACHER_RUN_ID)
         rows.append(row)
     return rows
-
-
-def method_groups(tables: list[Table]) -> list[Table]:
-    """Train runs of the registered methods, in their report order (seed 003's: head-only, LoRA, QLoRA,
-    full), when at least two methods are present."""
-    known = set(method_names())
-    runs = [t for t in tables if t.info.trained and t.info.method in known]
-    if len({t.info.method for t in runs}) < 2:
-        return []
-    return sorted(runs, key=lambda t: (get_method(t.info.method).report_order, t.info.method))
-
-
-def method_label(t: Table) -> str:
-    """How a run's method reads in charts: its registered label (the tag as is for unknown methods)."""
-    known = t.info.method in set(method_names())
-    return get_method(t.info.method).label if known else t.info.method
-
-
-def kd_groups(tables: list[Table]) -> list[Table]:
-    """Distillation runs with and without the teacher's soft targets (KD first), when both kinds are present."""
-    runs = [t for t in tables if t.info.kd is not None]
-    if {t.info.kd for t in runs} != {True, False}:
-        return []
-    return sorted(runs, key=lambda t: not t.info.kd)

@@ -5,31 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_exp.core import tags
-from lora_exp.core.plots import Bars, Lines, bar_chart, image_row, line_chart, palette
+from lora_exp.core.plots import bar_chart, palette
 from lora_exp.core.tables import markdown_table, write_csv
-from lora_exp.reports.comparison import (
-    METHOD_HEADERS,
-    NOT_SCORES,
-    Table,
-    comparison_rows,
-    improvements,
-    is_score,
-    kd_groups,
-    method_groups,
-    method_label,
-    method_rows,
-    read_runs,
-    role,
-)
+from lora_exp.methods import get_method, method_names
+from lora_exp.reports.arms import Arm, arms_of, example_scores, improvements, kd_arms, method_arms, pairwise
+from lora_exp.reports.charts import confusion_matrices, learning_curves, metric_bars
+from lora_exp.reports.comparison import METHOD_HEADERS, Table, comparison_rows, method_rows, read_runs, role
 from lora_exp.reports.selection import RunInfo
+from lora_exp.reports.stats import summarize
 from lora_exp.runtime.tracking import experiment_id, git_commit
 
 log = logging.getLogger(__name__)
@@ -38,82 +27,6 @@ COMPARISON_RUN = "comparison"
 DEFAULT_LOG_EXPERIMENT = "lora-exp-comparisons"  # when the runs span several experiments
 NOTE_LIMIT = 7900  # MLflow tag values (the run's description) hold at most 8000 characters
 
-def score_keys(tables: list[Table]) -> list[tuple[str, str]]:
-    """(split, metric) pairs worth a bar panel, in first-seen order."""
-    keys: dict[tuple[str, str], None] = {}
-    for t in tables:
-        for split, metrics in t.splits.items():
-            keys.update({(split, m): None for m in metrics if is_score(m)})
-    return list(keys)
-
-
-def metric_bars(tables: list[Table], colors: dict[str, str], label: Any = None) -> list[Bars]:
-    """A panel per (split, metric): a bar per run, baselines hatched."""
-    label = label or (lambda t: t.info.name)
-    return [Bars(title=f"{split} {metric}", labels=[label(t) for t in tables],
-                 values=[t.splits.get(split, {}).get(metric) for t in tables],
-                 colors=[colors[t.info.run_id] for t in tables], hatched=[t.info.is_baseline for t in tables])
-            for split, metric in score_keys(tables)]
-
-
-def curve_keys(tables: list[Table]) -> list[str]:
-    """Training loss, then every in-training eval curve (``eval_loss``, ``eval_accuracy``...)."""
-    keys = {"loss": None, "eval_loss": None}
-    for t in tables:
-        keys.update({k: None for k in sorted(t.info.metrics) if k.startswith("eval_")
-                     and k.removeprefix("eval_") not in NOT_SCORES})
-    return [k for k in keys if any(k in t.info.metrics for t in tables)]
-
-
-def learning_curves(client: Any, tables: list[Table], colors: dict[str, str], path: Path) -> Path | None:
-    trained = [t for t in tables if t.info.trained]
-    keys = curve_keys(trained)
-    if not keys:
-        return None
-    names = {t.info.run_id: t.info.name for t in trained}
-    panels = [Lines(title=_curve_title(k), series={names[t.info.run_id]: t.info.history(client, k) for t in trained},
-                    colors={names[t.info.run_id]: colors[t.info.run_id] for t in trained}) for k in keys]
-    return line_chart(panels, path, "learning curves")
-
-
-def _curve_title(key: str) -> str:
-    return "train loss" if key == "loss" else key.replace("eval_", "eval ", 1)
-
-
-def confusion_matrices(client: Any, tables: list[Table], out: Path) -> dict[str, Path]:
-    """Per split, each run's logged confusion matrix side by side (the eval jobs drew them with
-    ``lora_exp.core.plots.confusion_matrix_chart``; they are reused, not redrawn)."""
-    splits = list(dict.fromkeys(s for t in tables for s in t.splits))
-    charts = {}
-    with tempfile.TemporaryDirectory(prefix="lora-exp-compare-") as tmp:
-        for split in splits:
-            images = []
-            for t in tables:
-                local = _download(client, t.info.run_id, f"eval/{split}/confusion_matrix.png", Path(tmp))
-                if local is not None:
-                    images.append((t.info.name, local))
-            if images:
-                charts[split] = image_row(images, out / f"confusion_{_slug(split)}.png", f"confusion matrices: {split}")
-    return charts
-
-
-def _download(client: Any, run_id: str, path: str, tmp: Path) -> Path | None:
-    parent, name = path.rsplit("/", 1)
-    try:
-        if not any(Path(f.path).name == name for f in client.list_artifacts(run_id, parent)):
-            return None
-        return Path(client.download_artifacts(run_id, path, str(tmp / run_id)))
-    except Exception as e:  # a report with one image fewer beats no report
-        log.warning("run %s: cannot fetch %s (%s)", run_id, path, e)
-        return None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "split"
-
-
-
-
 @dataclass
 class Report:
     out: Path
@@ -121,6 +34,8 @@ class Report:
     tables: list[Table]
     improvements: list[dict[str, Any]]
     methods: list[dict[str, Any]]
+    arms: list[Arm] = field(default_factory=list)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
     charts: dict[str, Path] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)
 
@@ -129,7 +44,7 @@ class Report:
         return self.out / "report.md"
 
     def files(self) -> list[str]:
-        return ["report.md", "comparison_table.csv", "improvements.json", "method_table.csv",
+        return ["report.md", "comparison_table.csv", "arms_table.csv", "improvements.json", "method_table.csv",
                 *(p.name for p in self.charts.values())]
 
     def markdown_summary(self) -> str:
@@ -144,16 +59,22 @@ def build_report(client: Any, runs: list[RunInfo], out: Path, selection: str) ->
     """Write every table, chart and the Markdown report for ``runs`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     tables = read_runs(client, runs)
+    arms = arms_of(tables)
     colors = palette([t.info.run_id for t in tables])
-    report = Report(out, selection, tables, improvements(tables), method_rows(client, tables))
+    scores, tmp = example_scores(client)
+    with tmp:
+        report = Report(out, selection, tables, improvements(arms, scores), method_rows(client, tables), arms,
+                        pairwise(arms, scores))
     write_csv(out / "comparison_table.csv", comparison_rows(tables))
+    write_csv(out / "arms_table.csv", arm_rows(arms))
     (out / "improvements.json").write_text(json.dumps(
         {"baselines": {t.info.run_id: t.info.name for t in tables if t.info.is_baseline},
-         "improvements": report.improvements}, indent=2))
+         "statistics": STATISTICS, "improvements": report.improvements, "comparisons": report.comparisons},
+        indent=2))
     write_csv(out / "method_table.csv", report.methods)
-    for name, group, label in (("comparison", tables, None),
-                               ("methods", method_groups(tables), lambda t: f"{t.info.name} ({method_label(t)})"),
-                               ("kd", kd_groups(tables), lambda t: f"{t.info.name} ({_kd_label(t)})")):
+    for name, group, label in (("comparison", arms, None),
+                               ("methods", method_arms(arms), lambda a: f"{a.label} ({arm_method_label(a)})"),
+                               ("kd", kd_arms(arms), lambda a: f"{a.label} ({'KD' if a.kd else 'no KD'})")):
         panels = metric_bars(group, colors, label)
         if panels:
             report.charts[name] = bar_chart(panels, out / f"{name}.png", _CHART_TITLES[name])
@@ -167,10 +88,40 @@ def build_report(client: Any, runs: list[RunInfo], out: Path, selection: str) ->
 
 
 _CHART_TITLES = {"comparison": "baseline vs fine-tuned", "methods": "methods", "kd": "distillation: KD vs no KD"}
+STATISTICS = ("Per arm: mean over its runs (seeds), 95% t-interval. Between arms: the seed-level test (Welch t-test, "
+              "or a one-sample t-test against a single run) when an arm was repeated, else the example-level test "
+              "(McNemar exact test for the accuracy of two single runs, else a paired bootstrap over examples); "
+              "significant when the 95% interval of the difference excludes 0.")
 
 
-def _kd_label(t: Table) -> str:
-    return "KD" if t.info.kd else "no KD"
+def arm_method_label(arm: Arm) -> str:
+    """How an arm's method reads in charts: its registered label (the tag as is for unknown methods)."""
+    return get_method(arm.method).label if arm.method in set(method_names()) else arm.method
+
+
+def arm_rows(arms: list[Arm]) -> list[dict[str, Any]]:
+    """One row per arm and (split, metric): n, mean, std and 95% interval across its runs."""
+    rows = []
+    for arm in arms:
+        for split, metrics in arm.metrics().items():
+            for metric in metrics:
+                s = summarize(arm.values(split, metric))
+                rows.append({"arm": arm.label, "runs": " ".join(t.info.name for t in arm.tables),
+                             "role": "baseline" if arm.is_baseline else "fine-tuned", "method": arm.method,
+                             "split": split, "metric": metric, **s.as_dict()})
+    return rows
+
+
+def _interval(low: float | None, high: float | None) -> str | None:
+    return None if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
+
+
+def _comparison_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"arm": i["run"], "vs": i["baseline"], "split": i["split"], "metric": i["metric"],
+             "n": i["n"], "before": i["baseline_value"], "after": i["value"], "after 95% CI": _interval(*i["ci"]),
+             "change": i["abs_change"], "change 95% CI": _interval(*i["diff_ci"]), "p": i["p_value"],
+             "test": (i["seed_test"] or i["example_test"] or {}).get("test", "-"),
+             "significant": "yes" if i["significant"] else "no"} for i in records]
 
 
 def markdown_sections(r: Report) -> list[str]:
@@ -179,30 +130,32 @@ def markdown_sections(r: Report) -> list[str]:
 
     runs = [{"run": t.info.name, "role": role(t), "job": t.info.job, "method": t.info.method, "task": t.info.task,
              "model": t.info.model, "experiment": t.info.experiment, "run id": t.info.run_id} for t in r.tables]
-    s = [f"# Comparison report\n\n{len(r.tables)} runs ({r.selection}), "
+    s = [f"# Comparison report\n\n{len(r.tables)} runs in {len(r.arms)} arms ({r.selection}), "
          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.\n",
          "## Runs\n", markdown_table(runs)]
     s += ["## Baseline vs fine-tuned\n", *image("comparison", "baseline vs fine-tuned")]
     if r.improvements:
-        shown = [{**i, "rel_change": None if i["rel_change"] is None else f"{i['rel_change']:+.1%}",
-                  "improved": "yes" if i["improved"] else "no"} for i in r.improvements]
-        s.append(markdown_table(shown, ["run", "baseline", "split", "metric", "baseline_value", "value", "abs_change",
-                                        "rel_change", "improved"],
-                                {"baseline": "vs", "baseline_value": "before", "value": "after",
-                                 "abs_change": "change", "rel_change": "relative"}))
+        s += [markdown_table(_comparison_rows(r.improvements)), _verdicts(r.improvements)]
     else:
         s.append("_No baseline to compare with: add an eval run of the base model (`job: eval`, no model "
                  "source) for the same task._\n")
+    if r.comparisons:
+        s += ["## Arms compared\n", markdown_table(_comparison_rows(r.comparisons)), _verdicts(r.comparisons)]
+    s.append(f"_How to read this: {STATISTICS} A single-seed comparison says nothing about seed-to-seed "
+             "variation: give a run `repeats: 3` (or `seeds: [...]`) for that._\n")
     s += ["## Methods\n", "Seed 003's columns; size is the saved artifact (adapter, head or full model).\n",
           markdown_table(r.methods, headers=METHOD_HEADERS)]
-    groups = method_groups(r.tables)
+    groups = method_arms(r.arms)
     if groups:
         s += ["### Head-only vs LoRA vs QLoRA\n", *image("methods", "methods"),
               markdown_table(_rows_of(r.methods, groups), headers=METHOD_HEADERS)]
-    kd = kd_groups(r.tables)
+    kd = kd_arms(r.arms)
     if kd:
+        names = {a.label for a in kd}
+        judged = [c for c in r.comparisons if {c["run"], c["baseline"]} <= names and c["run"] != c["baseline"]]
         s += ["### KD vs no KD\n", *image("kd", "KD vs no KD"),
-              markdown_table(_rows_of(r.methods, kd), headers=METHOD_HEADERS)]
+              markdown_table(_rows_of(r.methods, kd), headers=METHOD_HEADERS),
+              _verdicts(judged) if judged else ""]
     if "learning_curves" in r.charts:
         s += ["## Learning curves\n", *image("learning_curves", "learning curves")]
     confusion = [k for k in r.charts if k.startswith("confusion:")]
@@ -214,11 +167,21 @@ def markdown_sections(r: Report) -> list[str]:
     return s
 
 
-def _rows_of(rows: list[dict[str, Any]], tables: list[Table]) -> list[dict[str, Any]]:
-    order = [t.info.name for t in tables]
+def _verdicts(records: list[dict[str, Any]]) -> str:
+    """The verdict of each comparison on its arm's first metric of each split (the table has the rest)."""
+    seen: set[tuple[str, str, str]] = set()
+    lines = []
+    for i in records:
+        key = (i["run"], i["baseline"], i["split"])
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"- {i['split']} {i['metric']}: {i['verdict']}")
+    return "\n".join(lines) + "\n"
+
+
+def _rows_of(rows: list[dict[str, Any]], arms: list[Arm]) -> list[dict[str, Any]]:
+    order = [t.info.name for a in arms for t in a.tables]
     return sorted((row for row in rows if row["run"] in order), key=lambda row: order.index(row["run"]))
-
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def check_model_sources(run: Run) -> None:
     paths = [("eval.model_path", spec.eval.model_path)]
     if spec.distill is not None:
         paths.append(("distill.teacher.model_path", spec.distill.teacher.model_path))
-    siblings = run.output_dir.parent.resolve()  # where the other runs of this experiment write
+    siblings = run.experiment_dir.resolve()  # where the other runs of this experiment write
     for field, value in paths:
         if not value:
             continue

@@ -101,6 +101,10 @@ def run_tags(run: Run, job: str) -> dict[str, str]:
         tags.RUN_KEY: run.name,
         tags.EXPERIMENT: run.experiment,
         tags.RELEASE: os.environ.get("LORA_EXP_RELEASE", ""),  # the Helm release, set by the chart
+        tags.SEED: str(s.training.seed),
+        **({tags.GROUP: run.group} if run.group else {}),
+        **({tags.SWEEP_OF: run.sweep, tags.PARENT_RUN_ID: run.parent_run_id} if run.parent_run_id and run.sweep
+           else {}),
         **s.tracking.tags,
     }
 
@@ -494,6 +498,18 @@ def open_run(run: Run, job: str, state: RunDir) -> tuple[Tracker, bool]:
         tracker.set_status("RUNNING")
         log.info("resuming MLflow run %s at %s", run_id, redact(uri))
     return tracker, created
+
+
+def ensure_run(run: Run, job: str, state: RunDir) -> str:
+    """The id of the run's MLflow run, created (with its params) or reattached, left RUNNING: for a parent run
+    (a sweep's) whose children log meanwhile."""
+    tracker, _ = open_run(run, job, state)
+    if not tracker.drain(_deadline(START_DEADLINE_ENV, 120.0)):
+        tracker.close()
+        raise TrackerUnavailable(f"MLflow at {redact(tracker.uri or '')}: cannot record run {run.name}")
+    tracker.close()
+    assert tracker.run_id is not None
+    return tracker.run_id
 
 
 def finish(tracker: Tracker, status: str, deadline_s: float) -> bool:
