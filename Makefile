@@ -11,12 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR := .cache/models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test lint fmt clean help
+.PHONY: setup model demo test lint fmt clean help bench bench-gpu
 
 help:
 	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU,"
 	@echo "              then the comparison report"
 	@echo "make test   - set up and run the test suite (what CI runs)"
+	@echo "make bench  - lora-exp against a plain Trainer+PEFT script on SmolLM2 (CPU) -> docs/benchmarks.md"
+	@echo "make bench-gpu - the same plus GPT-2 large and a ~1B Llama on a CUDA machine (reports MFU)"
 	@echo "make lint   - ruff, the layer contracts (import-linter) and the type checker (mypy)"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
@@ -53,6 +55,13 @@ demo: setup model
 	@echo "Report: outputs/demo-tickets/comparison/report.md (also the 'comparison' run in MLflow)"
 	@echo "Runs are in the local MLflow store: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
+# Benchmarks are measurements, not tests: fresh processes, interleaved, medians (benchmarks/harness.py).
+bench: setup model
+	$(PY) benchmarks/harness.py $(BENCH_ARGS)
+
+bench-gpu: setup model
+	$(PY) benchmarks/harness.py --gpu $(BENCH_ARGS)
+
 # lint, the manifest security scan and hadolint (mk/k8s.mk), then every test.
 test: setup model $(WORDNET) lint k8s-scan k8s-lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -60,12 +69,12 @@ test: setup model $(WORDNET) lint k8s-scan k8s-lint
 # ruff; the import layers (pyproject.toml [tool.importlinter]: a module imports only from layers below it);
 # mypy on the package.
 lint: setup
-	$(VENV)/bin/ruff check jobs tests scripts tools
+	$(VENV)/bin/ruff check jobs tests scripts tools benchmarks
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 fmt: setup
-	$(VENV)/bin/ruff check --fix jobs tests scripts tools
+	$(VENV)/bin/ruff check --fix jobs tests scripts tools benchmarks
 
 clean:
 	rm -rf outputs mlflow.db mlartifacts .pytest_cache

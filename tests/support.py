@@ -93,7 +93,9 @@ def experiment(model: Path, data: dict[str, str], tmp: Path, runs: dict[str, Any
         "model": {"name": str(model), "max_length": 32},
         "task": {"name": "custom", "text_fields": ["text"], "labels": ["neg", "pos"]},
         "data": {"data_files": data},
-        "training": {"epochs": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 8,
+        # fp32: the tests pin losses and compare runs exactly; precision auto would pick bf16 autocast on CPUs
+        # with bf16 units (tests/test_throughput.py covers that path).
+        "training": {"epochs": 1, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "precision": "fp32",
                      "logging_steps": 2, "eval_strategy": "epoch", "save_strategy": "epoch"},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
         "output_root": str(tmp / "outputs"),

@@ -41,8 +41,9 @@ def _doc(model: Path, tmp: Path, task: dict, data: dict, runs: dict, max_length:
     return {"experiment": {"name": "toy", "defaults": {
         "model": {"name": str(model), "max_length": max_length},
         "task": task, "data": {"data_files": data},
+        # fp32: losses are recomputed here in fp32 (precision auto would be bf16 autocast on CPUs with bf16 units)
         "training": {"epochs": 2, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 2,
-                     "eval_strategy": "epoch", "save_strategy": "epoch"},
+                     "eval_strategy": "epoch", "save_strategy": "epoch", "precision": "fp32"},
         "eval": {"generation_samples": 3, "prompt_tokens": 8, "max_new_tokens": 6},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
         "output_root": str(tmp / "outputs"),
@@ -212,7 +213,7 @@ def test_final_evaluation_matches_answers_to_their_questions(tmp_path, tiny_gpt2
                                Tracker(None))
     assert trainer.args.train_sampling_strategy == "group_by_length"
     evaluate_splits(trainer, p.form, p.evals_raw, tmp_path / "final", Tracker(None))
-    plain = prediction_trainer(p.model, p.form, p.tokenizer, 16, tmp_path)
+    plain = prediction_trainer(p.model, p.form, p.tokenizer, run.spec.training, tmp_path)
     p.form.evaluate(plain, p.evals_raw["validation"], "validation", tmp_path / "plain")
     final = (tmp_path / "final/validation/predictions.csv").read_text()
     with (tmp_path / "plain/predictions.csv").open() as fh:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -89,7 +91,13 @@ def test_verbalizer_scores_read_the_answer_position(tmp_path, tiny_tokenizer_dir
     answer = [(torch.tensor(r) != -100).int().argmax().item() for r in enc["labels"]]
     logits[0, answer[0] - 1, form.first_ids[1]] = 5.0  # row 0 predicts "positive" where its answer starts
     logits[1, answer[1] - 1, form.first_ids[0]] = 5.0  # row 1 predicts "negative"
-    scores = form.preprocess_logits(logits, labels)
+
+    class Fixed:  # these logits, computed only where asked (a boolean logits_to_keep, as transformers does)
+        def __call__(self, input_ids, attention_mask=None, logits_to_keep=None):
+            return SimpleNamespace(logits=logits[logits_to_keep])
+
+    batch = {"input_ids": torch.zeros(2, 20, dtype=torch.long), "attention_mask": torch.ones(2, 20), "labels": labels}
+    _, scores = form.scored_forward(Fixed(), batch)
     assert scores.shape == (2, 2) and scores.argmax(dim=1).tolist() == [1, 0]
     assert form.gold(labels.numpy()).tolist() == [1, 0]
 

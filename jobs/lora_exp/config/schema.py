@@ -143,6 +143,12 @@ class ModelSpec(Strict):
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off: it executes remote code.")
     max_length: int = Field(512, ge=8, description="Tokens per example after truncation.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="Attention kernel. 'auto': on a CUDA GPU flash_attention_2 where the flash-attn package "
+        "is installed, else sdpa (PyTorch's fused attention); on CPU eager, faster there than sdpa for "
+        "fine-tuning lengths by measurement (docs/benchmarks.md). flash_attention_2/3 need a CUDA GPU and their "
+        "package.",
+    )
 
 
 class TaskSpec(Strict):
@@ -240,9 +246,26 @@ class TrainingSpec(Strict):
     per_device_eval_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="Mixed precision; 'auto' = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."
+        "auto", description="Mixed precision; 'auto' = bf16 on GPUs that have it, else fp16 on GPU; on CPU bf16 "
+        "autocast where the CPU has bf16 matrix units (AMX, AVX512-BF16), else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    packing: bool = Field(
+        False, description="Padding-free batches: the examples of a batch are concatenated into one row, "
+        "attention kept within each by position_ids (DataCollatorWithFlattening); losses equal the padded path's. "
+        "Training only. Off by default: on CPU the length-grouped padded batches are as fast "
+        "(docs/benchmarks.md); on GPU with flash attention it removes all padding work. Not with distill jobs.",
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the model. Off by default: every new padded batch shape recompiles "
+        "(minutes on CPU, seconds on GPU), which short experiments never win back; try it for long GPU runs, "
+        "best with packing.",
+    )
+    liger_kernels: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) via "
+        "transformers' use_liger_kernel: less memory and more throughput on CUDA GPUs for Llama-family models. "
+        "Needs a CUDA GPU and the liger-kernel package; off by default because CPUs cannot run them.",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     lr_scheduler: Literal[LR_SCHEDULERS] = Field("linear", description="transformers' learning-rate schedule.")  # type: ignore[valid-type]
@@ -471,6 +494,9 @@ class RunSpec(Strict):
         # ``lora_exp.config.loading.check_run`` once the fields themselves are valid.
         if (self.job == "distill") != (self.distill is not None):
             raise ValueError("job 'distill' and the distill section go together")
+        if self.job == "distill" and self.training.packing:
+            raise ValueError("training.packing: distillation students read padded batches (their teacher's "
+                             "logits are per example); set packing: false for distill jobs")
         return self
 
 

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 _F = TypeVar("_F", bound=type)
 
 
+# (model, inputs, num_items_in_batch) -> (loss, per-example scores): a formulation's own forward and loss, used by the
+# Trainer in place of ``model(**inputs).loss`` where the plain forward would compute more than is scored.
+Scorer = Callable[[Any, dict[str, Any], Any], tuple[Any, Any]]
+
+
 class Formulation(Protocol):
     """What the one training path needs from a run's formulation."""
 
@@ -36,6 +41,13 @@ class Formulation(Protocol):
     def collator(self) -> Any: ...
 
     def preprocess_logits(self, logits: Any, labels: Any) -> Any: ...
+
+    def scorer(self, packed: bool) -> Scorer | None:
+        """The formulation's own loss-and-scores forward for a batch (``packed``: padding-free, one row), or
+        None where the model's own forward and loss are right."""
+
+    def packing_collator(self) -> Any:
+        """The training collator for padding-free batches (``training.packing``)."""
 
     def compute_metrics(self, p: Any) -> dict[str, float]: ...
 
@@ -103,6 +115,16 @@ def build_formulation(spec: RunSpec, task: Task, tokenizer: Any) -> Formulation:
     return formulation_type(spec, task).build(task, spec, tokenizer)
 
 
+def flattening_collator() -> Any:
+    """Padding-free batches: a batch's examples concatenated into one row, ``position_ids`` restarting at each
+    (attention stays within an example: transformers derives the block mask from them for sdpa and eager, and
+    the sequence boundaries for flash attention); the first label of each example is masked, so no example
+    predicts from its predecessor."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=False)
+
+
 def map_batches(ds: Any, fn: Callable[[dict[str, list[Any]]], dict[str, list[Any]]], desc: str) -> Any:
     """Tokenize once; ``datasets`` caches the result on disk, keyed by the data's and the function's fingerprints."""
     return ds.map(fn, batched=True, remove_columns=ds.column_names, desc=desc)
@@ -130,6 +152,12 @@ class NoTrainingMetrics:
 
     def preprocess_logits(self, logits: Any, labels: Any) -> Any:
         return logits
+
+    def scorer(self, packed: bool) -> Scorer | None:
+        return None
+
+    def packing_collator(self) -> Any:
+        return flattening_collator()
 
     def compute_metrics(self, p: Any) -> dict[str, float]:
         return {}

@@ -72,6 +72,9 @@ class CausalLM(NoTrainingMetrics):
 
         return default_data_collator  # blocks are equal-length: no padding, labels already set
 
+    def packing_collator(self) -> Any:
+        return self.collator()  # the blocks are already padding-free: documents are concatenated into them
+
     def evaluate(self, trainer: Any, raw: Any, split: str, out_dir: Path) -> dict[str, float]:
         blocks = self.tokenize(raw)
         loss_only = trainer.args.prediction_loss_only
@@ -103,7 +106,8 @@ class CausalLM(NoTrainingMetrics):
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.eval()
         out = []
-        with torch.no_grad():
+        # The Trainer's mixed-precision context, as in its own forward passes (frozen weights may be bf16).
+        with torch.no_grad(), trainer.autocast_smart_context_manager():
             for i in range(n):
                 ids = blocks[i]["input_ids"]
                 prompt = torch.tensor([ids[:p]], device=model.device)

@@ -78,12 +78,22 @@ class ClassificationFormulation:
         return self.task.score(self.gold(p.label_ids), p.predictions.argmax(axis=1))
 
     def evaluate(self, trainer: Any, raw: Any, split: str, out_dir: Path) -> dict[str, float]:
-        pred = trainer.predict(self.tokenize(raw), metric_key_prefix=split)
+        scores, label_ids, loss = predict_by_length(trainer, self.tokenize(raw), split)
         if not trainer.is_world_process_zero():
             return {}
-        metrics = write_split_outputs(out_dir, split, self.task, raw, pred.predictions, self.gold(pred.label_ids))
-        metrics["loss"] = pred.metrics.get(f"{split}_loss", float("nan"))
+        metrics = write_split_outputs(out_dir, split, self.task, raw, scores, self.gold(label_ids))
+        metrics["loss"] = loss
         return metrics
+
+
+def predict_by_length(trainer: Any, data: Any, split: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores and label ids in the data's order, predicted longest first: batches of similar lengths pad
+    little (the rows of a split arrive in any order), and the order is restored, so predictions are those of
+    the unsorted pass. Returns (scores, label_ids, mean loss)."""
+    order = np.argsort([-len(ids) for ids in data["input_ids"]], kind="stable")
+    pred = trainer.predict(data.select(order), metric_key_prefix=split)
+    back = np.argsort(order)
+    return pred.predictions[back], pred.label_ids[back], pred.metrics.get(f"{split}_loss", float("nan"))
 
 
 def write_split_outputs(out_dir: Path, split: str, task: ClassificationTask, rows: Any, scores: np.ndarray,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from lora_exp.core.errors import DataError
+from lora_exp.core.errors import DataError, SpecError
 from lora_exp.formulations.base import NoTrainingMetrics, map_batches, register_formulation
 from lora_exp.metrics.squad import compute_exact, compute_f1, normalize_answer, squad_v2_metrics
 from lora_exp.tasks import QA
@@ -47,6 +47,16 @@ class SpanExtraction(NoTrainingMetrics):
     @classmethod
     def final_metrics(cls, task: QATask) -> tuple[str, ...]:
         return ("exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")
+
+    @classmethod
+    def check_spec(cls, spec: RunSpec, task: QATask) -> None:
+        if spec.training.packing:
+            raise SpecError("training.packing: the span formulation's start/end heads score each window's own "
+                            "positions, which packing would merge; set packing: false for QA")
+        super().check_spec(spec, task)
+
+    def packing_collator(self) -> Any:
+        raise SpecError("training.packing: not supported by the span formulation")
 
     @classmethod
     def build(cls, task: QATask, spec: RunSpec, tokenizer: Any) -> SpanExtraction:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from lora_exp.core.errors import SpecError
-from lora_exp.formulations.base import register_formulation
+from lora_exp.formulations.base import Scorer, flattening_collator, register_formulation
 from lora_exp.formulations.classification import ClassificationFormulation, render
 from lora_exp.tasks import ClassificationTask
 
@@ -79,14 +79,38 @@ class Verbalizer(ClassificationFormulation):
         # Works for decoder-only models too: pads input_ids with the pad token and labels with -100.
         return DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=-100)
 
-    def preprocess_logits(self, logits: Any, labels: Any) -> Any:
-        import torch
+    def packing_collator(self) -> Any:
+        return flattening_collator()  # prompt tokens carry no labels: masking each example's first one is free
 
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        answer = (labels != -100).int().argmax(dim=1)  # first label-word position
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        at = logits[rows, answer - 1].float().log_softmax(dim=-1)  # the distribution that predicts it
-        return at[:, torch.tensor(self.first_ids, device=logits.device)]
+    def scorer(self, packed: bool) -> Scorer:
+        return self.scored_forward
+
+    def scored_forward(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+        """The causal-LM loss and the label scores from logits at the scored positions only.
+
+        A plain forward projects every position onto the vocabulary ((batch x length x 49K) floats for SmolLM2,
+        most of the LM head's work) to score one or two tokens per row. Here the model computes logits only
+        where the next token is a label token (``logits_to_keep`` as a boolean mask); the loss is the one the
+        model would compute (summed cross-entropy over label tokens / ``num_items_in_batch``, else the mean).
+        Works for padded batches and packed ones (one row, sequences told apart by ``labels == -100``)."""
+        import torch
+        import torch.nn.functional as F
+
+        labels = inputs["labels"]
+        targets = labels[:, 1:]
+        scored = targets != -100  # position p predicts token p + 1
+        keep = F.pad(scored, (0, 1), value=False)
+        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        logits = out.logits.float()  # (number of scored tokens, vocab)
+        loss = F.cross_entropy(logits, targets[scored], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum())
+        # The first label token of each example: scored, and the position before it is not.
+        first = scored & ~F.pad(scored[:, :-1], (1, 0), value=False)
+        at = logits[first[scored]].log_softmax(dim=-1)
+        return loss, at[:, torch.tensor(self.first_ids, device=at.device)]
+
+    def preprocess_logits(self, logits: Any, labels: Any) -> Any:
+        return logits  # already (batch, labels) scores: scored_forward computed them
 
     def gold(self, label_ids: np.ndarray) -> np.ndarray:
         label_ids = np.asarray(label_ids)

@@ -89,7 +89,7 @@ def teacher_logits(run: Run, teacher_dir: Path, teacher_spec: RunSpec, task: Tas
         else:
             model, source = load_trained(teacher_spec, teacher_dir, form, tokenizer, task)
             log.info("computing teacher logits (%s) for %d rows into %s", source, len(train_raw), cache)
-            trainer = prediction_trainer(model, form, tokenizer, run.spec.training.per_device_eval_batch_size, tmp)
+            trainer = prediction_trainer(model, form, tokenizer, teacher_spec.training, tmp)
             canonical = np.asarray(trainer.predict(inputs).predictions, dtype=np.float32)[order]
             if trainer.is_world_process_zero():
                 partial = cache.with_name(cache.name + ".tmp.npy")

@@ -62,7 +62,7 @@ def evaluate_run(run: Run) -> dict[str, float]:
         form = build_formulation(spec, task, tokenizer)
         model, source = load_trained(spec, artifact, form, tokenizer, task)
         log.info("evaluating %s on %s (%s)", source, task.name, ", ".join(evals_raw))
-        trainer = prediction_trainer(model, form, tokenizer, spec.training.per_device_eval_batch_size, Path(tmp))
+        trainer = prediction_trainer(model, form, tokenizer, spec.training, Path(tmp))
         state.root.mkdir(parents=True, exist_ok=True)
         with mlflow_run(run, tags.EVAL, state_dir=state) as tracker:
             tracker.set_tags({tags.EVAL_SOURCE: source})

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +21,18 @@ def evaluate_splits(trainer: Any, form: Formulation, evals_raw: dict[str, Any], 
     """
     flat: dict[str, float] = {}
     trainer.args.prediction_loss_only = False  # in-training evaluation may be loss-only; this one is not
-    with rows_in_order(trainer):
-        for split, raw in evals_raw.items():
-            if trainer.is_world_process_zero():
-                log.info("final evaluation: %s (%d rows)", split, len(raw))
-            metrics = form.evaluate(trainer, raw, split, out_dir / split)
-            if not trainer.is_world_process_zero():
-                continue
-            log.info("%s: %s", split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                               if isinstance(v, float) and not k.endswith("samples")))
-            named = {f"{split}_{k}": v for k, v in metrics.items()}
-            tracker.log_metrics(named)
-            tracker.log_artifacts(out_dir / split, f"eval/{split}")
-            flat.update(named)
+    # Predictions come back in the rows' order (LoraExpTrainer's evaluation sampler is sequential), so each
+    # is matched to its row (predictions.csv, SQuAD answers per question id).
+    for split, raw in evals_raw.items():
+        if trainer.is_world_process_zero():
+            log.info("final evaluation: %s (%d rows)", split, len(raw))
+        metrics = form.evaluate(trainer, raw, split, out_dir / split)
+        if not trainer.is_world_process_zero():
+            continue
+        log.info("%s: %s", split, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                           if isinstance(v, float) and not k.endswith("samples")))
+        named = {f"{split}_{k}": v for k, v in metrics.items()}
+        tracker.log_metrics(named)
+        tracker.log_artifacts(out_dir / split, f"eval/{split}")
+        flat.update(named)
     return flat
-
-
-@contextmanager
-def rows_in_order(trainer: Any) -> Iterator[None]:
-    """Predictions in the rows' order. transformers 5 batches evaluation by length when training does
-    (``train_sampling_strategy="group_by_length"``): fine for metrics over (label, prediction) pairs, wrong
-    wherever a prediction is matched back to its row (predictions.csv, SQuAD answers per question id)."""
-    strategy = trainer.args.train_sampling_strategy
-    trainer.args.train_sampling_strategy = "random"  # its eval sampler is then sequential
-    try:
-        yield
-    finally:
-        trainer.args.train_sampling_strategy = strategy

@@ -26,7 +26,13 @@ from lora_exp.runtime.artifacts import artifact_size_mb, write_spec
 from lora_exp.runtime.evaluation import evaluate_splits
 from lora_exp.runtime.prepare import Prepared
 from lora_exp.runtime.tracking import Tracker, mlflow_run, probe, run_tracking_uri, upload_pending
-from lora_exp.runtime.trainer import best_losses, build_trainer, describe_parallelism, peak_memory
+from lora_exp.runtime.trainer import (
+    best_losses,
+    build_trainer,
+    check_accelerator,
+    describe_parallelism,
+    peak_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ def train_run(run: Run, prepare_fn: Callable[[Run], Prepared]) -> dict[str, floa
     if done is not None:
         return done
     probe(run_tracking_uri(run))
+    check_accelerator(run.spec)
     return fit(run, prepare_fn(run))
 
 

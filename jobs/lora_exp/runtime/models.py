@@ -40,6 +40,20 @@ def torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def attn_implementation(model: ModelSpec) -> str:
+    """``auto``: flash attention 2 on a CUDA GPU where the flash-attn package is installed, else PyTorch's
+    fused scaled-dot-product attention on GPU, and eager attention on CPU: for the short sequences of
+    classification fine-tuning PyTorch's CPU sdpa kernels (with a padding mask) are slower, by measurement
+    ~1.25x per SmolLM2 LoRA training step (docs/benchmarks.md)."""
+    import torch
+
+    if model.attn_implementation != "auto":
+        return model.attn_implementation
+    if not torch.cuda.is_available():
+        return "eager"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+
+
 def load_model(model: ModelSpec, auto_class: str, tokenizer: Any, labels: tuple[str, ...], path: str | None = None,
                **extra: Any) -> Any:
     """Load ``path`` (default: the spec's model) with the formulation's Auto class; ``extra`` comes from the
@@ -61,6 +75,7 @@ def load_model(model: ModelSpec, auto_class: str, tokenizer: Any, labels: tuple[
             source,
             revision=None if path else model.revision,
             dtype=torch_dtype(model.dtype),
+            attn_implementation=attn_implementation(model),
             trust_remote_code=model.trust_remote_code,
             **kwargs,
         )

@@ -16,6 +16,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lora_exp.config.schema import RunSpec, TrainingSpec
+from lora_exp.core.errors import UserError
 from lora_exp.formulations import Formulation
 from lora_exp.runtime.callbacks import MlflowMetrics, Preemption, ProgressLogger
 from lora_exp.runtime.tracking import Tracker
@@ -46,7 +47,50 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class LoraExpTrainer(Trainer):
-    """The stock Trainer with a reproducible length-grouped sampler (the only thing changed)."""
+    """The stock Trainer with a reproducible length-grouped sampler, the formulation's own forward where the
+    plain one computes more than is scored (``form.scorer``), and padding-free training batches
+    (``train_collator``; evaluation keeps padded batches, whose per-example outputs it gathers)."""
+
+    def __init__(self, *args: Any, form: Formulation | None = None, train_collator: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.form = form
+        self.train_collator = train_collator
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        """Evaluation in the dataset's order. transformers 5 length-groups evaluation batches whenever training
+        does, so predictions come back shuffled against the rows they belong to (metrics survive, as the
+        labels travel along; a predictions file does not). Callers that want length order sort the rows
+        themselves and restore the order (``predict_by_length``)."""
+        from torch.utils.data import SequentialSampler
+
+        if eval_dataset is None or self.args.world_size > 1:
+            return None  # distributed: accelerate shards the dataset in order
+        return SequentialSampler(eval_dataset)
+
+    def get_train_dataloader(self) -> Any:
+        if self.train_collator is None:
+            return super().get_train_dataloader()
+        padded: Any = self.data_collator  # type: ignore[has-type]
+        self.data_collator = self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = padded
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        packed = "position_ids" in inputs and "attention_mask" not in inputs
+        scorer = self.form.scorer(packed) if self.form is not None else None
+        if scorer is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # What the stock compute_loss does around the model's loss: num_items_in_batch reaches the loss only
+        # for models that take loss kwargs, and a loss so normalised is scaled back up by the process count.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, scores = scorer(model, inputs, items)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, {"logits": scores}) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
@@ -70,6 +114,8 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
     if spec.training.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.training.early_stopping.patience))
     trainer = LoraExpTrainer(
+        form=form,
+        train_collator=form.packing_collator() if spec.training.packing else None,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -82,7 +128,34 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
     )
     for cb in (PrinterCallback, ProgressCallback):  # our ProgressLogger prints the one line per interval
         trainer.remove_callback(cb)
+    if args.bf16 and not args.deepspeed:  # DeepSpeed keeps its own bf16 copies
+        n = precast_frozen_weights(model, torch.bfloat16)
+        if n:
+            log.info("bf16 autocast: %d frozen matmul weights stored in bf16 (cast once, not per call)", n)
     return trainer, preemption
+
+
+def precast_frozen_weights(model: Any, dtype: Any) -> int:
+    """Store frozen matmul weights in the autocast dtype: the same numbers, without the cast per call.
+
+    Under bf16 autocast every Linear casts its fp32 weight to bf16 on each call, and autocast caches casts
+    only for weights that train; for LoRA and head-only runs, whose base is frozen, that is a copy of the
+    whole model per forward (about a fifth of a CPU training step for SmolLM2). Casting once gives the
+    matmuls bit-identical inputs. Only Linear/Conv1D weights: embeddings, norms and the residual stream keep
+    their precision (a weight tied to an embedding is left alone), so nothing outside the matmuls changes.
+    Returns the number of weights cast."""
+    from transformers.pytorch_utils import Conv1D
+
+    tied = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad and param.dtype == torch.float32 and id(param) not in tied:
+                param.data = param.data.to(dtype)
+                cast += name == "weight"
+    return cast
 
 
 def describe_parallelism(trainer: Any) -> None:
@@ -97,11 +170,31 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def check_accelerator(spec: RunSpec) -> None:
+    """GPU-only kernels asked for where there is no CUDA GPU: stop before any model loads (exit 2)."""
+    if _cuda():
+        return
+    wants = [f for f, on in (("training.liger_kernels", spec.training.liger_kernels),
+                             (f"model.attn_implementation {spec.model.attn_implementation}",
+                              spec.model.attn_implementation.startswith("flash"))) if on]
+    if wants:
+        raise UserError(f"{', '.join(wants)}: needs a CUDA GPU and this machine has none; turn it off (or use "
+                        "attn_implementation auto) to run here")
+
+
+def cpu_bf16() -> bool:
+    """The CPU has bf16 matrix instructions (AMX or AVX512-BF16), which oneDNN uses under bf16 autocast."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: str) -> str:
     if not _cuda():
-        if precision in ("fp16", "bf16"):
-            log.warning("training.precision %s needs a GPU; running fp32 on CPU", precision)
-        return "fp32"
+        if precision == "auto":
+            return "bf16" if cpu_bf16() else "fp32"
+        if precision == "fp16" or (precision == "bf16" and not cpu_bf16()):
+            log.warning("training.precision %s needs a GPU or a CPU with bf16 units; running fp32", precision)
+            return "fp32"
+        return precision
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
@@ -180,6 +273,8 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
         disable_tqdm=True,
         deepspeed=deepspeed_config(t),
         dataloader_num_workers=0,
+        torch_compile=t.torch_compile,
+        use_liger_kernel=t.liger_kernels,
         dataloader_pin_memory=_cuda(),
         # Without a GPU, say so: accelerate then sets up multi-process CPU (gloo) correctly, DeepSpeed included.
         use_cpu=not _cuda(),
@@ -204,11 +299,18 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def prediction_trainer(model: Any, form: Formulation, tokenizer: Any, batch_size: int, tmp: Path) -> Any:
-    """A Trainer used only to predict (eval jobs, teacher logits): batching, devices and gathering for free."""
+def prediction_trainer(model: Any, form: Formulation, tokenizer: Any, training: TrainingSpec, tmp: Path) -> Any:
+    """A Trainer used only to predict (eval jobs, teacher logits): batching, devices and gathering for free;
+    the run's precision (autocast), so an eval job scores as the training run's final evaluation did."""
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_eval_batch_size=batch_size, report_to="none",
-                             disable_tqdm=True, dataloader_pin_memory=_cuda(), use_cpu=not _cuda())
-    return Trainer(model=model, args=args, processing_class=tokenizer, data_collator=form.collator(),
-                   preprocess_logits_for_metrics=form.preprocess_logits)
+    precision = resolve_precision(training.precision)
+    args = TrainingArguments(
+        output_dir=str(tmp / "trainer"), per_device_eval_batch_size=training.per_device_eval_batch_size,
+        report_to="none", disable_tqdm=True, dataloader_pin_memory=_cuda(), use_cpu=not _cuda(),
+        bf16=precision == "bf16", fp16=precision == "fp16",
+    )
+    if args.bf16:
+        precast_frozen_weights(model, torch.bfloat16)
+    return LoraExpTrainer(form=form, model=model, args=args, processing_class=tokenizer,
+                          data_collator=form.collator(), preprocess_logits_for_metrics=form.preprocess_logits)
