@@ -15,7 +15,7 @@ from lora_exp.core.errors import SpecError
 from lora_exp.runtime.prepare import prepare
 from lora_exp.runtime.tracking import Tracker
 from lora_exp.runtime.trainer import build_trainer
-from support import experiment, run_cli, toy_rows, write_jsonl, write_values
+from support import experiment, run_cli, text_rows, toy_rows, write_jsonl, write_values
 
 
 def prepared(model: Path, tmp: Path, formulation: str, model_fields: dict[str, Any] | None = None,
@@ -213,3 +213,29 @@ def test_frozen_weights_precast_to_bf16_change_no_output(arch, request, tmp_path
     emb = model.get_input_embeddings().weight
     assert emb.dtype == torch.float32  # embeddings (and a head tied to them) keep their precision
     assert torch.equal(before, after)
+
+
+def test_every_forward_of_a_bf16_run_is_autocast(tiny_llama, tmp_path):
+    """Frozen weights stored in bf16 need bf16 inputs: forwards that accelerate has not wrapped yet (sanity's
+    gradient check, before train) or that bypass its wrapper (generation on the unwrapped model) too."""
+    from lora_exp.runtime.trainer import cpu_bf16
+
+    if not cpu_bf16():
+        pytest.skip("this CPU has no bf16 units")
+    p, trainer = prepared(tiny_llama, tmp_path / "cls", "classifier", precision="bf16")
+    assert any(prm.dtype == torch.bfloat16 for prm in p.model.parameters())  # precast
+    loss = trainer.compute_loss(trainer.model, p.form.collator()([p.train_ds[i] for i in range(4)]))
+    assert torch.isfinite(loss)
+
+    data = {"train": str(write_jsonl(tmp_path / "lm/train.jsonl", text_rows(20))),
+            "validation": str(write_jsonl(tmp_path / "lm/val.jsonl", text_rows(6)))}
+    doc = experiment(tiny_llama, data, tmp_path / "lm", training={"precision": "bf16"},
+                     eval={"generation_samples": 2, "prompt_tokens": 4, "max_new_tokens": 3})
+    doc["experiment"]["defaults"]["task"] = {"name": "wikitext"}
+    doc["experiment"]["defaults"]["model"]["max_length"] = 16
+    (run,) = resolve_runs(write_values(tmp_path / "lm", doc), None, {})
+    lm = prepare(run)
+    lm_trainer, _ = build_trainer(run.spec, lm.model, lm.form, lm.tokenizer, tmp_path / "lm/out", lm.train_ds,
+                                  None, Tracker(None))
+    samples = lm.form.generate(lm_trainer, lm.form.tokenize(lm.evals_raw["validation"]))
+    assert len(samples) == 2 and all(isinstance(s[2], str) for s in samples)

@@ -3,6 +3,7 @@ our callbacks, SIGTERM handling, and a predict-only Trainer for evaluation and t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -56,6 +57,21 @@ class LoraExpTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.form = form
         self.train_collator = train_collator
+        if self.args.bf16 and not self.is_deepspeed_enabled:  # DeepSpeed keeps its own bf16 copies
+            n = precast_frozen_weights(self.model, torch.bfloat16)
+            if n:
+                log.info("bf16 autocast: %d frozen matmul weights stored in bf16 (cast once, not per call)", n)
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
+        """The run's mixed precision around every forward this Trainer runs. transformers 5 returns a null
+        context here and relies on accelerate, which autocasts ``model.forward`` only once ``train`` or
+        ``predict`` has prepared the model: a forward before that (sanity's gradient check) or through the
+        unwrapped model (causal_lm's generation samples) would run without autocast, where the frozen
+        weights stored in bf16 (``precast_frozen_weights``) need it. DeepSpeed manages its own dtypes."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        if dtype is None or self.is_deepspeed_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.args.device.type, dtype=dtype, cache_enabled=cache_enabled)
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         """Evaluation in the dataset's order. transformers 5 length-groups evaluation batches whenever training
@@ -80,6 +96,11 @@ class LoraExpTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        with self.autocast_smart_context_manager():
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool,
+                      num_items_in_batch: Any) -> Any:
         packed = "position_ids" in inputs and "attention_mask" not in inputs
         scorer = self.form.scorer(packed) if self.form is not None else None
         if scorer is None:
@@ -128,10 +149,6 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
     )
     for cb in (PrinterCallback, ProgressCallback):  # our ProgressLogger prints the one line per interval
         trainer.remove_callback(cb)
-    if args.bf16 and not args.deepspeed:  # DeepSpeed keeps its own bf16 copies
-        n = precast_frozen_weights(model, torch.bfloat16)
-        if n:
-            log.info("bf16 autocast: %d frozen matmul weights stored in bf16 (cast once, not per call)", n)
     return trainer, preemption
 
 
@@ -310,7 +327,5 @@ def prediction_trainer(model: Any, form: Formulation, tokenizer: Any, training: 
         report_to="none", disable_tqdm=True, dataloader_pin_memory=_cuda(), use_cpu=not _cuda(),
         bf16=precision == "bf16", fp16=precision == "fp16",
     )
-    if args.bf16:
-        precast_frozen_weights(model, torch.bfloat16)
     return LoraExpTrainer(form=form, model=model, args=args, processing_class=tokenizer,
                           data_collator=form.collator(), preprocess_logits_for_metrics=form.preprocess_logits)
