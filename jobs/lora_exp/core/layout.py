@@ -138,3 +138,18 @@ def write_json(path: Path, doc: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
+
+
+def publish_permissions(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode a plain ``open``/``mkdir`` would (the umask's).
+
+    Why: safetensors (under transformers' ``save_pretrained``) writes model.safetensors through a 0600
+    temporary file, so a model prepared or exported by one uid cannot be read by the Jobs' uid 10001 on a
+    shared volume, although every other file beside it can.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

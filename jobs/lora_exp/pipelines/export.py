@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from lora_exp.core import errors
-from lora_exp.core.layout import SPEC_FILE, artifact_run_dir
+from lora_exp.core.layout import SPEC_FILE, artifact_run_dir, publish_permissions
 from lora_exp.runtime.artifacts import (
     add_artifact_arguments,
     artifact_size_mb,
@@ -59,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
         doc["spec"]["method"] = {"name": "full"}
         doc["exported_from"] = {"method": trained.method.name, "model": trained.model.name}
         (staging / SPEC_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))
+        publish_permissions(staging)
         staging.rename(out)
     log.info("merged %s adapter into %s: %s (%.1f MB)", trained.method.name, trained.model.name, out,
              artifact_size_mb(out))

@@ -10,6 +10,7 @@ from typing import Any
 
 from lora_exp.config.schema import ModelSpec
 from lora_exp.core.errors import UserError
+from lora_exp.core.layout import publish_permissions
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def prepare_gguf_model(gguf: str | None, out: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    publish_permissions(tmp)
     tmp.rename(dest)
     log.info("prepared %s (%d parameters)", dest, sum(p.numel() for p in model.parameters()))
     return dest
