@@ -3,7 +3,7 @@
     images/requirements.lock        lora-exp's dependencies (and torch's own: sympy, networkx, ...),
                                     installed by both targets
     images/requirements-cuda.lock   what the extras only the cuda target installs add (CUDA_EXTRAS:
-                                    DeepSpeed for ZeRO, bitsandbytes for QLoRA)
+                                    DeepSpeed for ZeRO, bitsandbytes for QLoRA, NVML for GPU metrics)
 
 The closure is read from the environment this runs in (the dev venv that ``make setup`` builds from
 pyproject.toml's pins and in which the test suite passes), so the image installs what was tested.
@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 
 ROOT_DIST = "lora-exp"
 IMAGE_EXTRAS = frozenset({"gguf"})
-CUDA_EXTRAS = frozenset({"deepspeed", "qlora"})
+CUDA_EXTRAS = frozenset({"deepspeed", "qlora", "gpu-metrics"})
 # Built per target in the Dockerfile; never resolved from the lock.
 EXCLUDE = {"torch", "triton"}
 HERE = Path(__file__).parent

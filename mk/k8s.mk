@@ -76,7 +76,8 @@ k8s-render:
 # What `make image` / `make image-test` need from the OS. Root with apt-get: installed; elsewhere: a hint.
 ENGINE_PACKAGES := podman buildah runc uidmap fuse-overlayfs slirp4netns containernetworking-plugins mmdebstrap postgresql
 engine:
-	@if command -v podman >/dev/null && command -v mmdebstrap >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	@if command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(ENGINE_PACKAGES) >/dev/null; \
 	else echo "make image-test needs: sudo apt-get install $(ENGINE_PACKAGES) (or docker + PostgreSQL)" >&2; fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -24,14 +26,17 @@ def test_export_then_reload_gives_the_same_logits_as_base_plus_adapter(formulati
     train(run)
     adapter = run.output_dir / "final"
     out = tmp_path / "merged"
-    proc = run_cli("export", "--model-path", str(adapter), "--out", str(out), "--log-mlflow",
+    proc = run_cli("export", "--model-path", str(adapter), "--out", str(out), "--register", f"toy-{formulation}",
                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert yaml.safe_load((out / "lora_exp_run.yaml").read_text())["spec"]["method"] == {"name": "full"}
-    # Readable by the Jobs' uid on a shared volume: safetensors alone would leave model.safetensors 0600.
-    unreadable = [p.name for p in out.rglob("*") if p.stat().st_mode & 0o044 != 0o044]
-    assert not unreadable, f"not group/world-readable: {unreadable}"
+    # Modes as the umask says (readable by the Jobs' uid on a shared volume under the usual 022): safetensors
+    # alone would leave model.safetensors 0600 whatever the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    wrong = [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_mode & 0o777 != 0o666 & ~umask]
+    assert not wrong, f"modes not from the umask {umask:03o}: {wrong}"
 
     cls = getattr(transformers, auto_class)
     kwargs = {"num_labels": 2, "pad_token_id": 0} if formulation == "classifier" else {}
@@ -46,6 +51,12 @@ def test_export_then_reload_gives_the_same_logits_as_base_plus_adapter(formulati
     client = mlflow_client(tmp_path)
     run_id = client.search_runs([client.get_experiment_by_name("toy").experiment_id])[0].info.run_id
     assert "model.safetensors" in {f.path.split("/")[-1] for f in client.list_artifacts(run_id, "merged_model")}
+    # --register: a registry version whose source is that artifact, tagged with the run's metrics.
+    (version,) = client.search_model_versions(f"name = 'toy-{formulation}'")
+    assert version.run_id == run_id and version.source.endswith("/merged_model")
+    source_run = client.get_run(run_id)
+    assert version.tags["method"] == "lora" and version.tags["task"] == source_run.data.tags["task"]
+    assert float(version.tags["validation_accuracy"]) == source_run.data.metrics["validation_accuracy"]
 
     # The exported model evaluates as a full model through the eval job.
     values2 = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, formulation={"kind": formulation},
@@ -96,3 +107,30 @@ def test_generate_refuses_a_model_without_a_language_model_head(tmp_path, tiny_g
     train(run)
     proc = run_cli("generate", "--model-path", str(run.output_dir / "final"), "--prompt", "x", cwd=tmp_path)
     assert proc.returncode == 2 and "no language-model head" in proc.stdout
+
+
+def test_export_register_refuses_a_bad_model_name_before_any_work(tmp_path):
+    out = tmp_path / "merged"
+    proc = run_cli("export", "--model-path", str(tmp_path / "nowhere"), "--out", str(out), "--register", "a/b",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and "--register" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_run_registers_its_artifact_when_the_spec_asks(tmp_path, tiny_gpt2, toy_data):
+    runs = {"lora": {"method": {"name": "lora", "r": 2}, "training": {"max_steps": 2},
+                     "tracking": {"register_model": "toy-lora"}}}
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs=runs))
+    (run,) = resolve_runs(values)
+    train(run)
+    from support import mlflow_client
+
+    client = mlflow_client(tmp_path)
+    (version,) = client.search_model_versions("name = 'toy-lora'")
+    source_run = client.get_run(version.run_id)
+    assert source_run.info.run_name == "lora" and version.source.endswith("/model")
+    # Registered after the final evaluation reached MLflow: the version carries the final metrics.
+    assert float(version.tags["validation_accuracy"]) == source_run.data.metrics["validation_accuracy"]
+    assert version.tags["method"] == "lora" and not [k for k in version.tags if k.startswith("system/")]
+    train(run)  # a rerun of the finished run registers nothing more
+    assert len(client.search_model_versions("name = 'toy-lora'")) == 1

@@ -3,6 +3,7 @@ tracking URI from the environment, artifacts proxied by the server (--serve-arti
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -71,3 +72,14 @@ def test_run_logs_to_a_real_tracking_server(mlflow_server, tmp_path, tiny_llama,
     assert {"adapter_model.safetensors", "adapter_config.json"} <= names
     # The server, not the client, stored the artifact files.
     assert list(artifacts.rglob("adapter_model.safetensors"))
+    # Dataset lineage, read back through the server: the rows used for training and for evaluation.
+    inputs = {_context(i): i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"train", "eval"}
+    assert inputs["train"].name == "custom-train" and inputs["eval"].name == "custom-validation"
+    assert json.loads(inputs["train"].profile) == {"num_rows": 64, "seed": 42}
+    assert json.loads(inputs["train"].source)["uri"] == str(Path(toy_data["train"]).resolve())
+    assert len(inputs["train"].digest) == 32 and inputs["train"].digest != inputs["eval"].digest
+
+
+def _context(dataset_input) -> str:
+    return next(t.value for t in dataset_input.tags if t.key == "mlflow.data.context")

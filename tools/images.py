@@ -155,13 +155,19 @@ def base_choice(eng: Engine) -> tuple[str, str]:
     if os.environ.get("PYTHON_IMAGE"):
         return os.environ["PYTHON_IMAGE"], os.environ.get("PYTHON_VERSION", HUB_PYTHON)
     if os.environ.get("LORA_EXP_BASE", "") != "local":
-        if eng.has_image(HUB_BASE) or eng.run("pull", "-q", HUB_BASE, check=False, capture=True,
-                                                timeout=120).returncode == 0:
+        if eng.has_image(HUB_BASE) or _pulls(eng, HUB_BASE):
             return HUB_BASE, HUB_PYTHON
         print(f"{HUB_BASE} cannot be pulled here: using the local Debian base {LOCAL_BASE}", flush=True)
     if not eng.has_image(LOCAL_BASE):
         make_local_base(eng)
     return LOCAL_BASE, LOCAL_PYTHON
+
+
+def _pulls(eng: Engine, ref: str) -> bool:
+    try:
+        return eng.run("pull", "-q", ref, check=False, capture=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:  # a registry that drops packets rather than refusing them
+        return False
 
 
 def make_local_base(eng: Engine) -> None:
@@ -253,9 +259,17 @@ def build_args(eng: Engine, python_image: str, python_version: str, sha: str, ve
 
 @functools.lru_cache(maxsize=1)
 def _pip_conf() -> Path:
-    path = Path(tempfile.gettempdir()) / "lora-exp-build-pip.conf"
-    path.write_text(f"[global]\ncert = {HOST_CA}\n")
-    return path
+    """pip's settings inside the build: the host's CA bundle, and $PIP_INDEX_URL / $PIP_EXTRA_INDEX_URL
+    (a site's PyPI mirror) when set."""
+    fd, name = tempfile.mkstemp(prefix="lora-exp-build-pip-", suffix=".conf")
+    lines = ["[global]", f"cert = {HOST_CA}"]
+    for env, key in (("PIP_INDEX_URL", "index-url"), ("PIP_EXTRA_INDEX_URL", "extra-index-url")):
+        if os.environ.get(env):
+            lines.append(f"{key} = {os.environ[env]}")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(name, 0o644)  # read by the build's RUN steps
+    return Path(name)
 
 
 def build(eng: Engine | None = None, only: str | None = None) -> Images:
@@ -272,7 +286,9 @@ def build(eng: Engine | None = None, only: str | None = None) -> Images:
             torch = ["--build-arg", f"TORCH_INDEX_URL={index}"] if index else []
             if wheel:
                 print(f"torch from {wheel} (served at {index})", flush=True)
-            _build(eng, "job image", [*common, *torch, "--file", "images/Dockerfile", "--target", "cpu",
+            # The ignore file beside the Dockerfile, named: podman 4.3 does not look for it on its own.
+            ignore = ["--ignorefile", "images/Dockerfile.dockerignore"] if eng.name == "podman" else []
+            _build(eng, "job image", [*common, *torch, *ignore, "--file", "images/Dockerfile", "--target", "cpu",
                                       "--tag", imgs.job, "--tag", f"{imgs.job}-{short}", "."])
     mlflow_common = build_args(eng, python_image, python_version, imgs.sha, mlflow_version())
     if only != "job":

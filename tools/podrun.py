@@ -6,13 +6,14 @@ keep what the kubelet would enforce:
 
 - command and args, with Kubernetes' ``$(VAR)`` expansion from the container's env;
 - env values, ``secretKeyRef`` (from the Secrets the caller supplies) and ``fieldRef`` to pod annotations
-  (the Indexed Job's completion index);
+  (the Indexed Job's completion index), handed over in an env file (no Secret on a command line);
 - the security context: uid/gid, fsGroup as a supplementary group, ``readOnlyRootFilesystem`` (with no
   tmpfs the engine would add on its own), dropped capabilities, no privilege escalation;
 - volumes: ConfigMaps (from the rendered ConfigMap objects, mounted read-only), emptyDirs (world-writable
   scratch directories, as the kubelet makes them; ``medium: Memory`` at /dev/shm becomes the shm size),
   PersistentVolumeClaims (host directories the caller maps claim names to), read-only where the mount says;
-- the memory limit and the termination grace period (the engine's stop timeout);
+- the memory limit (without swap) and the termination grace period (the engine's stop timeout; 30 s when
+  the pod leaves it out, as Kubernetes);
 - cluster DNS: Service names and pod FQDNs the caller maps to addresses (``--add-host``), all pods on the
   host network, as containers of one node.
 
@@ -21,7 +22,6 @@ What it cannot do (scheduling, probes, restarts) the caller does: tests/image dr
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Mapping
@@ -31,6 +31,7 @@ from typing import Any
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _ANNOTATION = re.compile(r"metadata\.annotations\['([^']+)'\]")
+DEFAULT_GRACE_S = 30  # Kubernetes' terminationGracePeriodSeconds when a pod leaves it out
 _UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "K": 1000, "M": 1000**2, "G": 1000**3}
 
 
@@ -48,6 +49,7 @@ class Cluster:
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> data
     hosts: dict[str, str] = field(default_factory=dict)  # DNS name -> address
     engine: str = "podman"
+    network: str = "host"  # "none" for a pod whose NetworkPolicy denies all traffic
 
     @classmethod
     def from_objects(cls, objects: list[dict[str, Any]], scratch: Path, **kw: Any) -> Cluster:
@@ -66,9 +68,21 @@ def quantity_bytes(q: str | int) -> int:
 
 
 def expand(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes' ``$(VAR)`` expansion in command/args: unknown names stay as written, ``$$`` escapes."""
-    out = _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text.replace("$$(", "\0("))
-    return out.replace("\0(", "$(")
+    """Kubernetes' ``$(VAR)`` expansion in command/args: unknown names stay as written, ``$$`` is one ``$``."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        m = _VAR.match(text, i)
+        if m:
+            out.append(env.get(m.group(1), m.group(0)))
+            i = m.end()
+            continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
 def container_env(container: dict[str, Any], cluster: Cluster, annotations: Mapping[str, str]) -> dict[str, str]:
@@ -98,7 +112,7 @@ def container_env(container: dict[str, Any], cluster: Cluster, annotations: Mapp
     return env
 
 
-def _security(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+def _security(pod: dict[str, Any], container: dict[str, Any], engine: str) -> list[str]:
     psc, csc = pod.get("securityContext") or {}, container.get("securityContext") or {}
     uid = csc.get("runAsUser", psc.get("runAsUser"))
     gid = csc.get("runAsGroup", psc.get("runAsGroup"))
@@ -108,8 +122,11 @@ def _security(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
     if psc.get("fsGroup") is not None:
         args += ["--group-add", str(psc["fsGroup"])]
     if csc.get("readOnlyRootFilesystem"):
-        # Kubernetes adds no tmpfs of its own: only the volumes the pod mounts are writable.
-        args += ["--read-only", "--read-only-tmpfs=false"]
+        args += ["--read-only"]
+        if engine == "podman":  # podman would add tmpfs mounts of its own; Kubernetes adds none
+            args += ["--read-only-tmpfs=false"]
+    if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) and uid in (None, 0):
+        raise PodSpecError(f"container {container['name']}: runAsNonRoot without a non-zero runAsUser")
     for cap in (csc.get("capabilities") or {}).get("drop") or []:
         args += ["--cap-drop", cap]
     for cap in (csc.get("capabilities") or {}).get("add") or []:
@@ -168,29 +185,43 @@ def run_args(pod: dict[str, Any], container: dict[str, Any], cluster: Cluster, *
     annotations = annotations or {}
     env = container_env(container, cluster, annotations)
     name = f"{pod_name}-{container['name']}"
-    args = ["run", "--name", name, "--network", "host", "--pull", "never"]
+    args = ["run", "--name", name, "--network", cluster.network, "--pull", "never"]
     if cluster.engine == "podman":
         # The image's VOLUME lines would give anonymous writable volumes; a cluster gives nothing unmounted.
         args += ["--image-volume", "ignore"]
     args += ["--hostname", hostname or pod_name]
-    for host, addr in sorted(cluster.hosts.items()):
+    for host, addr in sorted(cluster.hosts.items()) if cluster.network != "none" else ():
         args += ["--add-host", f"{host}:{addr}"]
-    args += _security(pod, container)
+    args += _security(pod, container, cluster.engine)
     args += _volumes(pod, container, cluster, pod_name)
     limits = (container.get("resources") or {}).get("limits") or {}
-    if "memory" in limits:
-        args += ["--memory", str(quantity_bytes(limits["memory"]))]
-    if pod.get("terminationGracePeriodSeconds") is not None:
-        args += ["--stop-timeout", str(int(pod["terminationGracePeriodSeconds"]))]
-    for key, value in env.items():
-        args += ["--env", f"{key}={value}"]
+    if "memory" in limits:  # no swap beyond the limit, as on a kubelet node
+        limit = str(quantity_bytes(limits["memory"]))
+        args += ["--memory", limit, "--memory-swap", limit]
+    args += ["--stop-timeout", str(int(pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)))]
+    if env:
+        # An env file, not --env: Secret values stay off the engine's command line (and out of `ps`).
+        env_file = cluster.scratch / pod_name / f"{container['name']}.env"
+        env_file.parent.mkdir(parents=True, exist_ok=True)
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        args += ["--env-file", str(env_file)]
     if container.get("workingDir"):
         args += ["--workdir", container["workingDir"]]
-    if container.get("command"):
-        args += ["--entrypoint", json.dumps([expand(c, env) for c in container["command"]])]
+    command = [expand(c, env) for c in container.get("command") or []]
+    if command:  # both engines take one executable here; the rest of the command goes before the args
+        args += ["--entrypoint", command[0]]
     args.append(container["image"])
-    args += [expand(a, env) for a in container.get("args") or []]
+    args += command[1:] + [expand(a, env) for a in container.get("args") or []]
     return args
+
+
+def read_env_file(args: list[str]) -> dict[str, str]:
+    """The environment ``run_args`` handed over (for tests and logs)."""
+    if "--env-file" not in args:
+        return {}
+    text = Path(args[args.index("--env-file") + 1]).read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if line)
 
 
 def pod_template(obj: dict[str, Any]) -> dict[str, Any]:
@@ -215,10 +246,17 @@ def run_pod(engine: list[str], obj: dict[str, Any], cluster: Cluster, *, pod_nam
     results: list[ContainerResult] = []
     for c in [*(pod.get("initContainers") or []), *pod["containers"]]:
         args = run_args(pod, c, cluster, pod_name=pod_name, annotations=annotations, hostname=hostname)
-        subprocess.run([*engine, "rm", "-f", f"{pod_name}-{c['name']}"], env=env, capture_output=True)
-        proc = subprocess.run([*engine, *args], env=env, capture_output=True, text=True, timeout=timeout)
-        results.append(ContainerResult(c["name"], proc.returncode, proc.stdout + proc.stderr))
-        subprocess.run([*engine, "rm", "-f", f"{pod_name}-{c['name']}"], env=env, capture_output=True)
-        if proc.returncode != 0:
+        name = f"{pod_name}-{c['name']}"
+        subprocess.run([*engine, "rm", "-f", name], env=env, capture_output=True)
+        try:
+            proc = subprocess.run([*engine, *args], env=env, capture_output=True, text=True, timeout=timeout)
+            results.append(ContainerResult(c["name"], proc.returncode, proc.stdout + proc.stderr))
+        except subprocess.TimeoutExpired as e:  # as activeDeadlineSeconds would: the pod fails, nothing is left
+            out = (e.stdout or b"") + (e.stderr or b"")
+            logs = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+            results.append(ContainerResult(c["name"], 124, logs + f"\n(killed after {timeout:.0f} s)"))
+        finally:
+            subprocess.run([*engine, "rm", "-f", name], env=env, capture_output=True)
+        if results[-1].returncode != 0:
             break
     return results

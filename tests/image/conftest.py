@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -66,14 +67,13 @@ def built(engine) -> im.Images:
 
 
 @pytest.fixture(scope="session")
-def work(tmp_path_factory) -> Path:
-    """Host directories standing in for the cluster's volumes; world-traversable (uid 10001 reads them)."""
-    d = tmp_path_factory.mktemp("image-test")
-    for p in [d, *d.parents]:
-        if p == Path("/"):
-            break
-        p.chmod(p.stat().st_mode | 0o011)
-    return d
+def work() -> Iterator[Path]:
+    """Host directories standing in for the cluster's volumes: a directory of our own, traversable by the
+    pods' uids (pytest's own temp root is 0700, and nothing above it is ours to loosen)."""
+    d = Path(tempfile.mkdtemp(prefix="lora-exp-image-test-"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)  # files of other uids are left only when not root
 
 
 def claim_dir(root: Path, name: str) -> Path:
@@ -160,8 +160,8 @@ class Stack:
                   "artifacts": {"persistence": {"existingClaim": "mlflow-artifacts"}}}
         return kt.deep_merge(kt.deep_merge(kt.values_file(values_file), {"mlflow": mlflow}), extra or {})
 
-    def cluster(self, objects: list[dict[str, Any]], name: str, hosts: dict[str, str] | None = None
-                ) -> podrun.Cluster:
+    def cluster(self, objects: list[dict[str, Any]], name: str, hosts: dict[str, str] | None = None,
+                network: str = "host") -> podrun.Cluster:
         return podrun.Cluster.from_objects(
             objects, self.work / "pods" / name,
             claims={"lora-exp-outputs": claim_dir(self.work, "outputs"),
@@ -169,7 +169,7 @@ class Stack:
                     "mlflow-artifacts": self.artifacts},
             secrets={"mlflow-backend": {"uri": self.postgres.uri}},
             hosts={**self.service_hosts(objects), **(hosts or {})},
-            engine=self.engine.name)
+            engine=self.engine.name, network=network)
 
     @staticmethod
     def service_hosts(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -182,10 +182,11 @@ class Stack:
         return hosts
 
     def run_job(self, job: dict[str, Any], objects: list[dict[str, Any]], *, index: int | None = None,
-                hosts: dict[str, str] | None = None, timeout: float = 1200) -> list[podrun.ContainerResult]:
+                hosts: dict[str, str] | None = None, timeout: float = 1200, network: str = "host"
+                ) -> list[podrun.ContainerResult]:
         name = job["metadata"]["name"] + (f"-{index}" if index is not None else "")
         annotations = {} if index is None else {"batch.kubernetes.io/job-completion-index": str(index)}
-        return podrun.run_pod([self.engine.name], job, self.cluster(objects, name, hosts), pod_name=name,
+        return podrun.run_pod([self.engine.name], job, self.cluster(objects, name, hosts, network), pod_name=name,
                               annotations=annotations, timeout=timeout, env={**os.environ, **self.engine.env})
 
     @property
@@ -226,7 +227,8 @@ def stack(engine, built, postgres, work) -> Iterator[Stack]:
     finally:
         logs = engine.run("logs", f"{name}-mlflow", check=False, capture=True)
         (work / "mlflow.log").write_text(logs.stdout + logs.stderr)
-        engine.run("rm", "-f", "-t", "60", f"{name}-mlflow", check=False, capture=True)
+        engine.run("stop", "-t", "60", f"{name}-mlflow", check=False, capture=True)
+        engine.run("rm", "-f", f"{name}-mlflow", check=False, capture=True)
 
 
 @pytest.fixture(scope="session")
@@ -235,10 +237,12 @@ def prepared_model(stack) -> Path:
     must still be readable by the training pods on the shared claim."""
     import yaml
 
-    (job,) = [d for d in yaml.safe_load_all((ROOT / "k8s" / "prepare-model.yaml").read_text())
-              if d and d["kind"] == "Job"]
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "prepare-model.yaml").read_text()) if d]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "egress" not in policy["spec"]
     job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] = 10002
-    results = stack.run_job(job, [job])
+    results = stack.run_job(job, [job], network="none")  # its NetworkPolicy denies all traffic: no network
     assert results[-1].returncode == 0, results[-1].logs[-4000:]
     model = stack.work / "claims" / "hf-cache" / "models" / "smollm2-135m-instruct"
     assert (model / "model.safetensors").is_file()

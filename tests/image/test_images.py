@@ -154,6 +154,14 @@ def test_mlflow_pod_stops_within_dockers_default_10_s(engine, built, postgres, w
     engine.run(args[0], "--detach", *args[1:], capture=True)
     try:
         wait_healthy(s.url)
+        from mlflow import MlflowClient
+
+        # A server that has served clients (pooled connections to it and to PostgreSQL), not an idle one.
+        client = MlflowClient(s.url)
+        run = client.create_run(client.create_experiment("stop-test"))
+        for step in range(20):
+            client.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
+        client.set_terminated(run.info.run_id)
         t0 = time.monotonic()
         engine.run("stop", "-t", "30", "stop-test-mlflow", capture=True)
         took = time.monotonic() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,13 +41,14 @@ def test_job_container_keeps_the_charts_security_context_and_command(tmp_path):
     assert _opt(args, "--cap-drop") == ["ALL"] and _opt(args, "--security-opt") == ["no-new-privileges"]
     assert "--image-volume" in args  # the image's VOLUME lines give nothing a cluster would not
     image_at = args.index(main["image"])
-    assert json.loads(_opt(args, "--entrypoint")[0]) == main["command"]
-    assert args[image_at + 1:] == main["args"]
-    assert _opt(args, "--memory") == [str(3 * 1024**3)]
+    assert [*_opt(args, "--entrypoint"), *args[image_at + 1:]] == main["command"] + main["args"]
+    assert _opt(args, "--memory") == _opt(args, "--memory-swap") == [str(3 * 1024**3)]
     assert _opt(args, "--shm-size") == [str(512 * 1024**2)]
     assert _opt(args, "--stop-timeout") == [str(pod["terminationGracePeriodSeconds"])]
-    env = dict(e.split("=", 1) for e in _opt(args, "--env"))
+    env = podrun.read_env_file(args)
     assert env["HF_HUB_OFFLINE"] == "1" and env["MLFLOW_TRACKING_URI"].startswith("http://")
+    assert "--env" not in args  # values travel in a 0600 env file, never on the command line
+    assert Path(_opt(args, "--env-file")[0]).stat().st_mode & 0o077 == 0
 
 
 def test_volumes_follow_the_mounts(tmp_path):
@@ -74,7 +76,7 @@ def test_indexed_job_env_comes_from_the_completion_index_and_expands_in_args(tmp
         "job-completion-index" in json.dumps(e) for e in main["env"])
     args = podrun.run_args(pod, main, _cluster(objects, tmp_path), pod_name="p1",
                            annotations={"batch.kubernetes.io/job-completion-index": "1"})
-    env = dict(e.split("=", 1) for e in _opt(args, "--env"))
+    env = podrun.read_env_file(args)
     assert env["NODE_RANK"] == "1"
     with pytest.raises(podrun.PodSpecError, match="fieldRef"):
         podrun.run_args(pod, main, _cluster(objects, tmp_path), pod_name="p")
@@ -88,8 +90,9 @@ def test_secrets_are_required_and_unknown_volumes_refused(tmp_path):
         podrun.run_args(pod, main, _cluster(objects, tmp_path), pod_name="p")
     creds = {"creds": {"username": "u", "password": "pw"}}
     args = podrun.run_args(pod, main, _cluster(objects, tmp_path, secrets=creds), pod_name="p")
-    env = dict(e.split("=", 1) for e in _opt(args, "--env"))
+    env = podrun.read_env_file(args)
     assert env["MLFLOW_TRACKING_PASSWORD"] == "pw"
+    assert "pw" not in " ".join(args)
     broken = copy.deepcopy(pod)
     broken["containers"][0]["volumeMounts"].append({"name": "nope", "mountPath": "/x"})
     with pytest.raises(podrun.PodSpecError, match="nope"):
@@ -101,6 +104,16 @@ def test_secrets_are_required_and_unknown_volumes_refused(tmp_path):
 def test_kubernetes_variable_expansion():
     env = {"A": "1", "B": "two"}
     assert podrun.expand("--rank=$(A) $(B) $(C) $$(A)", env) == "--rank=1 two $(C) $(A)"
+    assert podrun.expand("cost $$5, $A, $(A)$(B)", env) == "cost $5, $A, 1two"
+
+
+def test_docker_gets_no_podman_only_flags_and_the_default_grace_period(tmp_path):
+    objects, job = _job()
+    pod = copy.deepcopy(podrun.pod_template(job))
+    pod.pop("terminationGracePeriodSeconds")
+    args = podrun.run_args(pod, pod["containers"][0], _cluster(objects, tmp_path, engine="docker"), pod_name="p")
+    assert "--read-only" in args and "--read-only-tmpfs=false" not in args and "--image-volume" not in args
+    assert _opt(args, "--stop-timeout") == ["30"]
 
 
 def test_quantities():

@@ -312,6 +312,20 @@ class TrackingSpec(Strict):
         "MLFLOW_TRACKING_USERNAME/PASSWORD, not here (a URI's user:password is redacted from every log and tag).",
     )
     tags: dict[Text, str] = Field(default_factory=dict)
+    system_metrics: bool = Field(
+        True, description="Log CPU/memory/disk/network (and GPU utilisation, memory and power where NVML has "
+        "them) as system/* metrics every system_metrics_interval seconds, through the run's spool like any metric.")
+    system_metrics_interval: float = Field(10.0, ge=1.0, description="Seconds between system-metric samples.")
+    register_model: Text | None = Field(
+        None, description="Train runs: register the run's artifact (model/) as a new version of this MLflow "
+        "registered model, tagged with the run's metrics, once the run's results reached MLflow.")
+
+    @field_validator("register_model")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v):
+            raise ValueError("a registered model's name: not empty, no '/'")
+        return v
 
     @field_validator("tracking_uri")
     @classmethod

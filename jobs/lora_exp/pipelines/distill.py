@@ -25,7 +25,7 @@ from lora_exp.formulations import build_formulation
 from lora_exp.formulations.classifier import Classifier
 from lora_exp.methods import get_method
 from lora_exp.runtime.artifacts import load_trained, locate_artifact, read_spec
-from lora_exp.runtime.data import load_splits, subsample
+from lora_exp.runtime.data import lineage, load_splits, subsample
 from lora_exp.runtime.fit import train_run
 from lora_exp.runtime.models import load_tokenizer
 from lora_exp.runtime.prepare import Prepared
@@ -124,4 +124,4 @@ def prepare_distill(run: Run) -> Prepared:
     run_tags = {tags.KD: tags.kd_value(d.alpha > 0), tags.TEACHER_RUN_ID: teacher_id,
                 tags.STUDENT: d.student.kind}
     return Prepared(task, tokenizer, form, get_method("full"), model, train_ds, form.tokenize(val_raw), evals_raw,
-                    run_tags)
+                    run_tags, lineage(spec, task, train_raw, val_raw, evals_raw))

@@ -15,7 +15,7 @@ from lora_exp.core.errors import UserError
 from lora_exp.core.layout import RUN_KEY_FILE, TRACKING_DIR, RunDir, write_json
 from lora_exp.formulations import build_formulation
 from lora_exp.runtime.artifacts import load_trained, locate_artifact
-from lora_exp.runtime.data import load_splits, subsample
+from lora_exp.runtime.data import lineage, load_splits, subsample
 from lora_exp.runtime.evaluation import evaluate_splits
 from lora_exp.runtime.models import load_tokenizer
 from lora_exp.runtime.tracking import mlflow_run, probe, run_tracking_uri, upload_pending
@@ -66,6 +66,7 @@ def evaluate_run(run: Run) -> dict[str, float]:
         state.root.mkdir(parents=True, exist_ok=True)
         with mlflow_run(run, tags.EVAL, state_dir=state) as tracker:
             tracker.set_tags({tags.EVAL_SOURCE: source})
+            tracker.log_inputs([i.as_record() for i in lineage(eval_spec, task, None, None, evals_raw)])
             metrics = evaluate_splits(trainer, form, evals_raw, state.root, tracker)
             write_json(state.metrics, metrics)
     return metrics

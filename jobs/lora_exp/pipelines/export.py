@@ -24,7 +24,7 @@ from lora_exp.runtime.artifacts import (
     locate_artifact,
     read_spec,
 )
-from lora_exp.runtime.tracking import tracking_uri
+from lora_exp.runtime.tracking import register_version, tracking_uri
 
 HELP = "merge a LoRA adapter into its base model and save a standalone model"
 log = logging.getLogger(__name__)
@@ -36,10 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for the merged model (must not exist)")
     p.add_argument("--log-mlflow", action="store_true",
                    help="also log the merged model as 'merged_model' in the source MLflow run")
+    p.add_argument("--register", metavar="NAME",
+                   help="also register the logged merged model as a new version of model NAME in the MLflow "
+                        "model registry, tagged with the source run's metrics (implies --log-mlflow)")
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.register is not None:
+        if not args.register.strip() or "/" in args.register:
+            raise errors.UserError(f"--register {args.register!r}: give a model name (no '/')")
+        args.log_mlflow = True
     if out.exists():
         raise errors.UserError(f"--out {out}: already exists; choose a new directory")
     uri = tracking_uri(args.tracking_uri)
@@ -74,5 +81,8 @@ def _log_to_mlflow(args: argparse.Namespace, uri: str, out: Path) -> None:
     run_id = args.mlflow_run_id or artifact_run_dir(Path(args.model_path)).mlflow_run_id()
     if run_id is None:
         raise errors.UserError(f"--log-mlflow: no MLflow run recorded for {args.model_path}")
-    MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(out), "merged_model")
+    client = MlflowClient(tracking_uri=uri)
+    client.log_artifacts(run_id, str(out), "merged_model")
     log.info("logged the merged model to MLflow run %s as 'merged_model'", run_id)
+    if args.register:
+        register_version(client, args.register, run_id, "merged_model")

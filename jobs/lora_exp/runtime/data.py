@@ -252,3 +252,64 @@ def subsample(spec: RunSpec, task: Task, raw: Any) -> tuple[Any, Any, dict[str, 
     if len(train) == 0:
         raise DataError("the training split is empty after subsetting")
     return train, val, evals
+
+
+# ------------------------------------------------------------------------------------------------
+# Lineage: which rows a run used, so that two runs claiming the same data can be checked to have used it
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One data set a run consumed, as MLflow records it (``mlflow.entities.Dataset`` plus its context)."""
+
+    name: str  # <task>-<split>
+    context: str  # "train", "validation" (in-training eval set) or "eval" (a final evaluation split)
+    source_type: str  # "local" or "hub"
+    source: str  # the files, or <hub path>[/<config>]:<split>
+    digest: str  # of the rows used, in the order used
+    rows: int
+    seed: int  # the subset/shuffle seed (data.seed)
+
+    def as_record(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rows_digest(ds: Any) -> str:
+    """SHA-256 of the rows as used (after shuffling and subsetting), in Arrow IPC form: cheap even for MNLI
+    (no per-row Python), and independent of how the source files were laid out."""
+    import hashlib
+
+    import pyarrow as pa
+
+    h = hashlib.sha256()
+    h.update(json.dumps(ds.column_names).encode())
+    for batch in ds.with_format("arrow").iter(batch_size=50_000):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch)
+        h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()[:32]  # MLflow keeps dataset digests up to 36 characters
+
+
+def _source(spec: RunSpec, task: Task, split: str) -> tuple[str, str]:
+    if spec.data.data_files:
+        return "local", ",".join(str(p.resolve()) for p in _files(spec, split))
+    path = spec.data.hub_path or task.hub_path
+    config = spec.data.hub_config or task.hub_config
+    return "hub", f"{path}{'/' + config if config else ''}:{split}"
+
+
+def lineage(spec: RunSpec, task: Task, train: Any, val: Any, evals: dict[str, Any]) -> list[DataInput]:
+    """The data sets a run uses: the training rows, the in-training eval set, each final evaluation split."""
+    seed = spec.data.seed
+    out = []
+    if train is not None:
+        out.append(DataInput(f"{task.name}-{task.train_split}", "train", *_source(spec, task, task.train_split),
+                             rows_digest(train), len(train), seed))
+        if spec.data.validation_fraction > 0 and val is not None:  # carved out of the training split
+            out.append(DataInput(f"{task.name}-{task.train_split}-heldout", "validation",
+                                 *_source(spec, task, task.train_split), rows_digest(val), len(val), seed))
+    for split, ds in evals.items():
+        out.append(DataInput(f"{task.name}-{split}", "eval", *_source(spec, task, split), rows_digest(ds), len(ds),
+                             seed))
+    return out

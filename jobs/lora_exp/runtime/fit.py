@@ -77,6 +77,7 @@ def fit(run: Run, p: Prepared) -> dict[str, float]:
     record_spec(run)
     with mlflow_run(run, spec.job, state_dir=d) as tracker:
         tracker.set_tags(p.tags)
+        tracker.log_inputs([i.as_record() for i in p.inputs])
         tracker.log_metrics({"trainable_params": trainable, "total_params": total,
                              "trainable_share": trainable / total})
         trainer, stop = build_trainer(spec, p.model, p.form, p.tokenizer, d.root, p.train_ds, p.val_ds, tracker)
@@ -94,6 +95,8 @@ def fit(run: Run, p: Prepared) -> dict[str, float]:
                             step=trainer.state.global_step)
         save_artifact(run, trainer, p.method, tracker)
         metrics = evaluate_splits(trainer, p.form, p.evals_raw, d.eval_dir, tracker)
+        if spec.tracking.register_model:
+            tracker.register_model(spec.tracking.register_model, "model")
         if trainer.is_world_process_zero():
             write_json(d.metrics, metrics)
     return metrics

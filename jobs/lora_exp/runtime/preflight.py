@@ -71,7 +71,8 @@ def check_output_root(spec: RunSpec) -> str:
     return f"outputs: {root}"
 
 
-IGNORED_CHANGES = ("tracking.tracking_uri",)  # the same store may be reached another way (a new password)
+# The same store may be reached another way (a new password); what is sampled about the machine is no experiment.
+IGNORED_CHANGES = ("tracking.tracking_uri", "tracking.system_metrics", "tracking.system_metrics_interval")
 
 
 def changed_fields(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 from lora_exp.config.loading import Run
 from lora_exp.formulations import Formulation, build_formulation
 from lora_exp.methods import Method, get_method
-from lora_exp.runtime.data import load_splits, subsample
+from lora_exp.runtime.data import DataInput, lineage, load_splits, subsample
 from lora_exp.runtime.models import load_model, load_tokenizer
 from lora_exp.runtime.trainer import seed_everything
 from lora_exp.tasks import Task, get_task
@@ -31,6 +31,7 @@ class Prepared:
     val_ds: Any
     evals_raw: dict[str, Any]
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (e.g. the distillation teacher)
+    inputs: list[DataInput] = field(default_factory=list)  # the data sets used (MLflow dataset inputs)
 
 
 def prepare(run: Run) -> Prepared:
@@ -47,4 +48,5 @@ def prepare(run: Run) -> Prepared:
     model = load_model(spec.model, form.model_class, tokenizer, getattr(task, "labels", ()),
                        **method.load_kwargs(spec))
     model = method.apply(model, spec, form.peft_task_type)
-    return Prepared(task, tokenizer, form, method, model, form.tokenize(train_raw), form.tokenize(val_raw), evals_raw)
+    return Prepared(task, tokenizer, form, method, model, form.tokenize(train_raw), form.tokenize(val_raw), evals_raw,
+                    inputs=lineage(spec, task, train_raw, val_raw, evals_raw))

@@ -39,6 +39,7 @@ from lora_exp.core import tags
 from lora_exp.core.errors import Preempted, TrackerUnavailable
 from lora_exp.core.layout import RunDir
 from lora_exp.runtime.artifacts import write_spec
+from lora_exp.runtime.sysmetrics import SystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ class Tracker:
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._outage_since: float | None = None
+        self._samplers: list[Any] = []  # e.g. SystemMetrics: stopped before the run's last records
 
     @property
     def active(self) -> bool:
@@ -312,6 +314,28 @@ class Tracker:
             shutil.copy2(path, keep / Path(path).name)
             self._append({"file": str((keep / Path(path).name).resolve()), "to": artifact_path})
 
+    def log_inputs(self, inputs: list[dict[str, Any]]) -> None:
+        """The data sets the run used (``runtime.data.lineage`` records), as MLflow dataset inputs."""
+        if self.active and inputs:
+            self._append({"inputs": inputs})
+
+    def logged_steps(self) -> dict[str, int]:
+        """Per metric, the highest step spooled so far (by this attempt or an earlier one)."""
+        return dict(self._steps)
+
+    def attach(self, sampler: Any) -> None:
+        """A background sampler that logs through this tracker; its ``stop()`` runs before the last records."""
+        self._samplers.append(sampler)
+
+    def stop_samplers(self) -> None:
+        while self._samplers:
+            self._samplers.pop().stop()
+
+    def register_model(self, name: str, artifact_path: str) -> None:
+        """Register the run's artifact as a new version of model ``name`` once everything before it arrived."""
+        if self.active:
+            self._append({"register": name, "path": artifact_path})
+
     def set_status(self, status: str) -> None:
         if self.active:
             self._append({"status": status})
@@ -339,6 +363,7 @@ class Tracker:
         return not (self.spool and self.spool.pending())
 
     def close(self) -> None:
+        self.stop_samplers()
         self._stop.set()
         self._wake.set()
         self._retry.set()
@@ -413,12 +438,50 @@ class Tracker:
         elif "file" in first:
             if Path(first["file"]).is_file():
                 client.log_artifact(self.run_id, first["file"], first["to"])
+        elif "register" in first:  # queued last, after the artifact and the final metrics it is tagged with
+            register_version(client, first["register"], self.run_id, first["path"])
+        elif "inputs" in first:
+            client.log_inputs(self.run_id, datasets=[_dataset_input(r) for r in first["inputs"]])
         elif "status" in first:
             if first["status"] == "RUNNING":
                 client.update_run(self.run_id, status="RUNNING")
             else:
                 client.set_terminated(self.run_id, status=first["status"])
         return records[0][1]
+
+
+REGISTRY_TAGS = (tags.TASK, tags.METHOD, tags.MODEL, tags.FORMULATION, tags.GIT_COMMIT)
+
+
+def register_version(client: Any, name: str, run_id: str, artifact_path: str) -> Any:
+    """A new version of registered model ``name`` whose source is the run's artifact, tagged with the run's
+    metrics and its task/method/model/formulation/git_commit tags: the registry alone says what a version
+    scored and how it was made. (``export --register``, and ``tracking.register_model`` for train runs.)"""
+    from mlflow.exceptions import MlflowException
+
+    run = client.get_run(run_id)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    version_tags = {k: str(v) for k, v in run.data.metrics.items() if not k.startswith("system/")}
+    version_tags.update({k: v for k, v in run.data.tags.items() if k in REGISTRY_TAGS})
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
+                                          tags=version_tags)
+    log.info("registered %s version %s (from run %s)", name, version.version, run_id)
+    return version
+
+
+def _dataset_input(record: dict[str, Any]) -> Any:
+    """An MLflow dataset input: name, digest and source identify the rows; the profile says how many and from
+    which seed; the context tag says what the run did with them (MLflow's own ``mlflow.data.context``)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = json.dumps({"num_rows": record["rows"], "seed": record["seed"]})
+    ds = Dataset(name=record["name"], digest=record["digest"], source_type=record["source_type"],
+                 source=json.dumps({"uri": record["source"]}), profile=profile)
+    return DatasetInput(dataset=ds, tags=[InputTag(key="mlflow.data.context", value=record["context"])])
 
 
 def _is_number(v: Any) -> bool:
@@ -514,6 +577,7 @@ def ensure_run(run: Run, job: str, state: RunDir) -> str:
 
 def finish(tracker: Tracker, status: str, deadline_s: float) -> bool:
     """Queue the final status, wait up to ``deadline_s`` for the spool to drain; True when it did."""
+    tracker.stop_samplers()
     tracker.set_status(status)
     drained = tracker.drain(deadline_s)
     tracker.close()
@@ -535,6 +599,8 @@ def mlflow_run(run: Run, job: str, state_dir: RunDir | None = None) -> Iterator[
         state = state_dir or RunDir(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-exp-run-"))))
         state.root.mkdir(parents=True, exist_ok=True)
         tracker, _ = open_run(run, job, state)
+        if run.spec.tracking.system_metrics:
+            tracker.attach(SystemMetrics(tracker, run.spec.tracking.system_metrics_interval).start())
         try:
             yield tracker
         except Preempted:

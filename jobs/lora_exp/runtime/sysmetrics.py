@@ -1,0 +1,99 @@
+"""System metrics of a run (CPU, memory, disk, network; GPU utilisation, memory and power where NVML gives
+them), sampled by MLflow's own monitors and logged as ``system/...`` metrics through the run's spool.
+
+MLflow's ``SystemMetricsMonitor`` only starts for runs begun with ``mlflow.start_run`` and logs straight to
+the server from its thread; lora-exp opens runs with ``MlflowClient.create_run`` and lets nothing reach the
+server except through the spool (an outage must never cost the run, nor lose what was measured during it).
+So this uses MLflow's collectors and aggregation and only replaces the loop that logs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the tracker starts these; importing it at run time would be circular
+    from lora_exp.runtime.tracking import Tracker
+
+log = logging.getLogger(__name__)
+PREFIX = "system/"
+
+
+def _monitors() -> list[Any]:
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+    monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    for gpu in (GPUMonitor, ROCMMonitor):  # NVML (utilisation, memory, power), else ROCm; neither on CPU
+        try:
+            monitors.append(gpu())
+            break
+        except Exception as e:  # no library or no device: no GPU figures
+            log.debug("no %s: %s", gpu.__name__, e)
+    return monitors
+
+
+def metric_prefix() -> str:
+    """``system/``, or ``system/rank<r>/`` in a multi-process run, so every process's figures stay apart."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"{PREFIX}rank{os.environ.get('RANK', '0')}/" if world > 1 else PREFIX
+
+
+class SystemMetrics:
+    """A daemon thread: sample every ``interval`` seconds, log the aggregate through ``tracker``."""
+
+    def __init__(self, tracker: Tracker, interval: float) -> None:
+        self.tracker = tracker
+        self.interval = interval
+        self.prefix = metric_prefix()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._monitors: list[Any] = []
+        self._step = 0
+
+    def start(self) -> SystemMetrics:
+        if not self.tracker.active:
+            return self
+        try:
+            self._monitors = _monitors()
+        except Exception as e:  # psutil missing or a collector failing: the run goes on without them
+            log.warning("system metrics off: %s", e)
+            return self
+        # A resumed attempt continues the step count of the one before.
+        self._step = 1 + max((s for k, s in self.tracker.logged_steps().items() if k.startswith(self.prefix)),
+                             default=-1)
+        self._thread = threading.Thread(target=self._run, name="lora-exp-system-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def sample(self) -> dict[str, float]:
+        """One aggregate of what the monitors collected since the last one."""
+        out: dict[str, float] = {}
+        for m in self._monitors:
+            m.collect_metrics()
+            out.update({f"{self.prefix}{k}": float(v) for k, v in m.aggregate_metrics().items()})
+            m.clear_metrics()
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tracker.log_metrics(self.sample(), step=self._step)
+                self._step += 1
+            except Exception as e:  # a collector failing mid-run: stop measuring, never the run
+                log.warning("system metrics stopped: %s", e)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 5)
+            try:  # a last sample, so that even a run shorter than the interval has one
+                self.tracker.log_metrics(self.sample(), step=self._step)
+            except Exception as e:
+                log.warning("system metrics: last sample failed: %s", e)
