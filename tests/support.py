@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -164,3 +165,9 @@ def mlflow_client(tmp: Path):
 
     return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
 
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

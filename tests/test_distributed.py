@@ -4,7 +4,6 @@ with c10d rendezvous, launched the way the chart launches pods. Each makes exact
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import deepspeed  # noqa: F401  (a test dependency: a missing DeepSpeed fails here rather than skipping)
 import pytest
 
-from support import experiment, mlflow_client, write_values
+from support import experiment, free_port, mlflow_client, write_values
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -20,11 +19,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_finished_run(tmp: Path):
@@ -65,7 +59,7 @@ def test_zero3_two_processes_full_finetune_saves_consolidated_model(tmp_path, ti
 def test_two_node_torchrun_on_loopback_logs_one_run(tmp_path, tiny_gpt2, toy_data):
     values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={"lora": {
         "method": {"name": "lora", "r": 2}, "training": {"max_steps": 4}}}))
-    port = _free_port()
+    port = free_port()
     nodes = []
     for rank in (0, 1):  # what the Indexed Job's pods run, with JOB_COMPLETION_INDEX as node rank
         cmd = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),

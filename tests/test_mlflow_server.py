@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from support import experiment, run_cli, write_values
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import experiment, free_port, run_cli, write_values
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     artifacts = tmp_path / "server-artifacts"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(

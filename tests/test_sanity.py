@@ -5,7 +5,6 @@ catch it, and the command exits SANITY_FAILED."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from lora_exp.config.loading import resolve_runs
 from lora_exp.core import errors
 from lora_exp.reports.sanity import CHECKS, FAIL, PASS, SANITY_FAILED, SKIP, Options
 from lora_exp.reports.sanity_checks import check_data, check_mlflow, check_reproducible, run_checks
-from support import experiment, mlflow_client, toy_rows, write_jsonl, write_values
+from support import experiment, free_port, mlflow_client, toy_rows, write_jsonl, write_values
 
 FAST = Options(skip=("mlflow", "reproducible"))  # the checks on one loaded model only
 
@@ -153,9 +152,7 @@ def test_label_ids_out_of_range_fail_the_data_check(tiny_gpt2, toy_data, tmp_pat
 
 
 def test_unreachable_mlflow_fails_fast():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    port = free_port()  # nothing listens there
     t0 = time.monotonic()
     check = check_mlflow(f"http://127.0.0.1:{port}")
     assert check.status == FAIL and f"127.0.0.1:{port}" in check.detail

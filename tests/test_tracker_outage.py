@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,23 +20,18 @@ from pathlib import Path
 import pytest
 
 from lora_exp.core.errors import TRACKER_UNAVAILABLE
-from support import Job, experiment, run_cli, write_values
+from support import Job, experiment, free_port, run_cli, write_values
 
 pytestmark = pytest.mark.slow
 PROGRESS = re.compile(r"^(\S+) INFO lora_exp.progress: step (\d+)/(\d+) .*\| ([\d.]+) samples/s")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
     """`mlflow server` on a fixed loopback port and store, which can be stopped and started again."""
 
     def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = f"sqlite:///{tmp / 'server.db'}"
         self.artifacts = tmp / "server-artifacts"
@@ -157,7 +151,7 @@ def test_an_unreachable_server_fails_in_seconds_before_any_model_loads(tmp_path,
     values = _values(tmp_path, tiny_gpt2, toy_data, 10)
     t0 = time.monotonic()
     proc = run_cli("train", "-f", str(values), cwd=tmp_path,
-                   env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"})
+                   env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
     elapsed = time.monotonic() - t0
     assert proc.returncode == TRACKER_UNAVAILABLE, proc.stdout[-3000:]
     assert elapsed < 15, elapsed

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, im, kt, podrun
+from image_stack import ROOT, im, kt, podrun
 
 SMOKE = ROOT / "values" / "smoke-offline.yaml"
 
@@ -142,7 +142,8 @@ def chart_profile_cpu():
 
 def test_mlflow_pod_stops_within_dockers_default_10_s(engine, built, postgres, work):
     """Stop time of the chart's MLflow container (2 workers): under Docker's default 10 s, far under k8s' 30 s."""
-    from conftest import Stack, claim_dir, free_port, wait_healthy
+    from image_stack import Stack, claim_dir, wait_healthy
+    from support import free_port
 
     s = Stack(work=work, engine=engine, mlflow_port=free_port(), postgres=postgres,
               artifacts=claim_dir(work, "mlflow-artifacts"))

@@ -300,6 +300,11 @@ class TrainingSpec(Strict):
         return self
 
 
+def registered_model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model in MLflow's registry (None when it can): for the spec and for export."""
+    return "a registered model's name: not empty, no '/'" if not name.strip() or "/" in name else None
+
+
 class TrackingSpec(Strict):
     """Where the run is recorded in MLflow."""
 
@@ -323,8 +328,9 @@ class TrackingSpec(Strict):
     @field_validator("register_model")
     @classmethod
     def _model_name(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or "/" in v):
-            raise ValueError("a registered model's name: not empty, no '/'")
+        problem = registered_model_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("tracking_uri")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from lora_exp.config.schema import registered_model_name_problem
 from lora_exp.core import errors
 from lora_exp.core.layout import SPEC_FILE, artifact_run_dir, publish_permissions
 from lora_exp.runtime.artifacts import (
@@ -44,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.register is not None:
-        if not args.register.strip() or "/" in args.register:
-            raise errors.UserError(f"--register {args.register!r}: give a model name (no '/')")
+        problem = registered_model_name_problem(args.register)
+        if problem:
+            raise errors.UserError(f"--register {args.register!r}: {problem}")
         args.log_mlflow = True
     if out.exists():
         raise errors.UserError(f"--out {out}: already exists; choose a new directory")

@@ -39,7 +39,8 @@ def _monitors() -> list[Any]:
 
 
 def metric_prefix() -> str:
-    """``system/``, or ``system/rank<r>/`` in a multi-process run, so every process's figures stay apart."""
+    """``system/``, or ``system/rank<r>/`` in a multi-process run. Only rank 0 holds the MLflow run, so only
+    its machine's figures are logged; the rank in the name says whose they are."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return f"{PREFIX}rank{os.environ.get('RANK', '0')}/" if world > 1 else PREFIX
 

@@ -39,6 +39,7 @@ from lora_exp.core import tags
 from lora_exp.core.errors import Preempted, TrackerUnavailable
 from lora_exp.core.layout import RunDir
 from lora_exp.runtime.artifacts import write_spec
+from lora_exp.runtime.sysmetrics import PREFIX as SYSTEM_PREFIX
 from lora_exp.runtime.sysmetrics import SystemMetrics
 
 log = logging.getLogger(__name__)
@@ -465,7 +466,7 @@ def register_version(client: Any, name: str, run_id: str, artifact_path: str) ->
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    version_tags = {k: str(v) for k, v in run.data.metrics.items() if not k.startswith("system/")}
+    version_tags = {k: str(v) for k, v in run.data.metrics.items() if not k.startswith(SYSTEM_PREFIX)}
     version_tags.update({k: v for k, v in run.data.tags.items() if k in REGISTRY_TAGS})
     version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
                                           tags=version_tags)
