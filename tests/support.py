@@ -67,20 +67,23 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def save_tiny_model(kind: str, tok_dir: Path, out: Path) -> Path:
+def save_tiny_model(kind: str, tok_dir: Path, out: Path, width: int = 64, layers: int = 2,
+                    positions: int = 128) -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
+    heads = max(2, width // 64)
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         model = GPT2LMHeadModel(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                          max_position_embeddings=positions, bos_token_id=tok.eos_token_id,
+                          eos_token_id=tok.eos_token_id)
         model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)

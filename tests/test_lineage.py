@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from lora_exp import cli
 from lora_exp.config.loading import resolve_runs
+from lora_exp.core.tables import fmt
 from lora_exp.pipelines.train import train
 from lora_exp.runtime.data import load_splits, rows_digest, subsample
+from lora_exp.runtime.fit import COST_ENV
 from lora_exp.tasks import get_task
 from support import experiment, mlflow_client, write_values
 
@@ -23,7 +28,8 @@ def _inputs(client, run_id: str) -> dict[str, object]:
     return out
 
 
-def test_runs_record_the_rows_they_used_and_their_machine(tmp_path, tiny_gpt2, toy_data):
+def test_runs_record_the_rows_they_used_and_their_machine(tmp_path, tiny_gpt2, toy_data, monkeypatch):
+    monkeypatch.setenv(COST_ENV, "2.5")  # what the chart sets from the profile's costPerGpuHour
     runs = {"a": {"method": {"name": "lora", "r": 2}, "training": {"max_steps": 2},
                   "tracking": {"system_metrics_interval": 1.0}},
             "b": {"method": {"name": "lora", "r": 4}, "training": {"max_steps": 2},
@@ -63,6 +69,21 @@ def test_runs_record_the_rows_they_used_and_their_machine(tmp_path, tiny_gpt2, t
         assert [m.step for m in history] == list(range(len(history)))  # one point per sample, in order
     assert on.data.metrics["system/system_memory_usage_megabytes"] > 0
     assert not [k for k in mlflow_runs["b"].data.metrics if k.startswith("system/")]
+
+    # Device-hours (one device per process) and, the profile priced, the run's cost; `compare` shows both.
+    m = on.data.metrics
+    assert 0 < m["device_hours"] < 1 and m["cost"] == pytest.approx(2.5 * m["device_hours"])
+    assert m["device_hours"] == pytest.approx(m["train_runtime"] / 3600, rel=1e-6)
+    assert cli.main(["compare", "-f", str(values), "--out", str(tmp_path / "report")]) == 0
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    header = next(line for line in lines if "device-hours" in line)
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    row = next([c.strip() for c in line.strip("|").split("|")] for line in lines[lines.index(header):]
+               if line.startswith("| a |"))
+    assert row[cells.index("cost")] == fmt(m["cost"]) and row[cells.index("device-hours")] == fmt(m["device_hours"])
+    assert "GPU energy (kJ)" not in header  # no GPU energy counter here: the column is left out
+    # The memory plan's estimate sits beside the measured peak (tests/test_memplan.py checks they agree).
+    assert m["plan_peak_memory_mb"] > 0 and m["peak_memory_growth_mb"] > 0
 
     # A rerun of a finished run does not log its inputs twice (_inputs asserts it); a resumed attempt logs
     # the same records again, which MLflow keeps once per (data set, run).

@@ -50,7 +50,8 @@ def test_run_logs_to_a_real_tracking_server(mlflow_server, tmp_path, tiny_llama,
 
     url, artifacts = mlflow_server
     doc = experiment(tiny_llama, toy_data, tmp_path, runs={"lora": {"method": {"name": "lora", "r": 2}}})
-    del doc["experiment"]["defaults"]["tracking"]  # the URI comes from the environment, as in a pod
+    # The URI comes from the environment, as in a pod; system metrics every second; the adapter registered.
+    doc["experiment"]["defaults"]["tracking"] = {"system_metrics_interval": 1.0, "register_model": "toy-adapter"}
     proc = run_cli("train", "-f", str(write_values(tmp_path, doc)), cwd=tmp_path,
                    env={"MLFLOW_TRACKING_URI": url, "LORA_EXP_PROFILE": "cpu", "LORA_EXP_IMAGE": "test:1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -72,6 +73,22 @@ def test_run_logs_to_a_real_tracking_server(mlflow_server, tmp_path, tiny_llama,
     assert json.loads(inputs["train"].profile) == {"num_rows": 64, "seed": 42}
     assert json.loads(inputs["train"].source)["uri"] == str(Path(toy_data["train"]).resolve())
     assert len(inputs["train"].digest) == 32 and inputs["train"].digest != inputs["eval"].digest
+    # System metrics, through the spool to the server: one point per sample.
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert cpu and [m.step for m in cpu] == list(range(len(cpu)))
+    assert client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")[-1].value > 0
+    # The memory plan's estimate beside the measured peak.
+    assert run.data.metrics["plan_peak_memory_mb"] > 0 and run.data.metrics["peak_memory_growth_mb"] > 0
+    # The registry: the train run's adapter (tracking.register_model), then the merged model (export --register).
+    (adapter,) = client.search_model_versions("name='toy-adapter'")
+    assert adapter.run_id == run.info.run_id and adapter.source.endswith("/model")
+    assert float(adapter.tags["validation_accuracy"]) == run.data.metrics["validation_accuracy"]
+    proc = run_cli("export", "--mlflow-run-id", run.info.run_id, "--out", str(tmp_path / "merged"),
+                   "--register", "toy-merged", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": url})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (merged,) = client.search_model_versions("name='toy-merged'")
+    assert merged.run_id == run.info.run_id and merged.tags["method"] == "lora"
+    assert {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "merged_model")} >= {"config.json"}
 
 
 def _context(dataset_input) -> str:

@@ -78,6 +78,8 @@ class Job(Closed):
     ttlSecondsAfterFinished: Annotated[int, Field(ge=0)] = 0
     terminationGracePeriodSeconds: Annotated[int, Field(ge=0)] = 0
     validateSpec: bool = True
+    planCheck: bool = True
+    planMargin: Annotated[float, Field(ge=0, le=1)] = 0.1
     validateResources: Resources = Resources()
     extraEnv: list[EnvVar] = []
     podAnnotations: StrMap = {}
@@ -214,6 +216,8 @@ class MLflow(Closed):
 class Profile(Closed):
     description: str = ""
     gpus: Annotated[int, Field(ge=0)]
+    gpuMemoryGiB: Annotated[float, Field(ge=0)]
+    costPerGpuHour: Annotated[float, Field(ge=0)] = 0
     nodes: Annotated[int, Field(ge=1)]
     resources: Resources
     shmSize: Quantity

@@ -96,6 +96,9 @@ Job names would collide.
 {{- end }}
 {{- $run := index $exp.runs $name | default dict }}
 {{- $profileName := index $.Values.job.runProfiles $name | default $.Values.profile }}
+{{- if eq $profileName "auto" }}
+{{- fail (printf "profile auto (run %q) is chosen before install: lora-exp plan -f <values> --auto profiles.yaml, then helm install ... -f <values> -f profiles.yaml (README: Sizing runs)" $name) }}
+{{- end }}
 {{- if not (hasKey $.Values.profiles $profileName) }}
 {{- fail (printf "profile %q (run %q) is not defined under profiles; known: %s" $profileName $name (keys $.Values.profiles | sortAlpha | join ", ")) }}
 {{- end }}

@@ -29,6 +29,7 @@ TOOLS: dict[str, str] = {
     "status": "lora_exp.reports.status",
     "generate": "lora_exp.pipelines.generate",
     "export": "lora_exp.pipelines.export",
+    "plan": "lora_exp.reports.plan",
 }
 RESTARTABLE = ("train", "distill", "run", "sweep")
 SPEC_COMMANDS = {

@@ -15,13 +15,17 @@ from k8s_helpers import PROFILES, SYNTHETIC, VALUES_FILES, jobs, kt, synthetic, 
 from lora_exp.config.loading import resolve_runs
 
 LORA_EXP = [str(Path(sys.executable).with_name("lora-exp"))]
+PROFILES_KEY = "profiles.yaml"
 
 
-def spec_files(objs, tmp_path: Path) -> dict[str, Path]:
-    """Write the ConfigMap's files to disk, as the pod sees them under /etc/lora-exp."""
+def spec_files(objs, tmp_path: Path, profiles: bool = False) -> dict[str, Path]:
+    """Write the ConfigMap's spec files to disk, as the pod sees them under /etc/lora-exp (``profiles``: and
+    profiles.yaml, the profiles the init container's memory plan reads)."""
     (cm,) = kt.by_kind(objs, "ConfigMap")
     out = {}
     for key, text in cm["data"].items():
+        if key == PROFILES_KEY and not profiles:
+            continue
         p = tmp_path / key
         p.write_text(text)
         out[key] = p
@@ -153,3 +157,37 @@ def test_a_bad_spec_fails_validate_with_exit_2(render, tmp_path: Path):
     values = synthetic(experiment={"runs": {"lora_r8": {"task": {"name": "custom"}}}})
     rc, msgs = validate(spec_files(render(values), tmp_path)["lora-r8.yaml"], "lora_r8")
     assert rc == 2, msgs
+
+
+def init_container_check(job: dict, files: dict[str, Path]) -> subprocess.CompletedProcess:
+    """The validate init container's command, run with the real CLI on the rendered ConfigMap's files."""
+    spec = job["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    argv = [a.replace("/etc/lora-exp/", "") for a in init["args"]]
+    assert argv[:3] == ["lora-exp", "plan", "--check"]
+    argv = [str(files[a]) if a in files else a for a in argv[1:]]
+    return subprocess.run([*LORA_EXP, *argv], capture_output=True, text=True, cwd=kt.REPO, timeout=180)
+
+
+def test_init_container_fails_a_run_that_cannot_fit_with_exit_2(render, tmp_path: Path, tiny_gpt2: Path):
+    """The rendered init container runs `lora-exp plan --check` against the run's profile: a run that fits
+    passes, one whose estimate exceeds its GPU's memory exits 2 with the breakdown, before the job starts."""
+    tiny_gpu = {**kt.chart_values()["profiles"]["t4-16g"], "gpuMemoryGiB": 0.05, "description": "a 50 MiB GPU"}
+    values = synthetic(profile="tiny-gpu", profiles={"tiny-gpu": tiny_gpu},
+                       experiment={"defaults": {"model": {"name": str(tiny_gpt2)}}},
+                       job={"runProfiles": {"baseline": "t4-16g"}})
+    objs = render(values)
+    files = spec_files(objs, tmp_path, profiles=True)
+    by_run = {j["metadata"]["annotations"]["lora-exp.io/run-name"]: j for j in jobs(objs)}
+    ok = init_container_check(by_run["baseline"], files)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert re.search(r"baseline\s+eval\s+t4-16g.*fits", ok.stdout)
+    bad = init_container_check(by_run["lora_r8"], files)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert re.search(r"lora_r8\s+train\s+tiny-gpu.*DOES NOT FIT", bad.stdout)  # the breakdown table
+    assert "lora_r8: estimated peak memory does not fit the profile" in bad.stdout + bad.stderr
+
+
+def test_profile_auto_names_the_pre_install_step(render):
+    with pytest.raises(Exception, match="lora-exp plan -f <values> --auto"):
+        render(synthetic(profile="auto"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -153,8 +154,12 @@ def test_container_command_parses_with_the_real_cli(path: Path, profile: str, re
         # The validate init container checks exactly what the main container will run.
         init = container(j, "validate")
         vargs = parser.parse_args(cli_argv(init))
-        assert vargs.command == "validate"
+        # ... and its memory plan against the run's own profile (lora-exp plan --check: exit 2 if it cannot fit).
+        assert vargs.command == "plan" and vargs.check
         assert (vargs.values, vargs.run, vargs.overrides) == (args.values, run, args.overrides)
+        assert vargs.profile == j["metadata"]["labels"]["lora-exp.io/profile"]
+        assert vargs.profiles == f"{SPEC_MOUNT}/profiles.yaml"
+        assert vargs.profile in json.loads(cm["data"]["profiles.yaml"])["profiles"]
         # The spec is mounted where the command reads it.
         mounts = {m["name"]: m for m in main["volumeMounts"]}
         assert mounts["spec"]["mountPath"] == SPEC_MOUNT and mounts["spec"]["readOnly"] is True
@@ -268,6 +273,13 @@ def test_validate_init_container_can_be_disabled(render):
         assert "initContainers" not in j["spec"]["template"]["spec"]
 
 
+def test_plan_check_can_be_turned_off(render):
+    """job.planCheck false: the init container validates only (no memory plan)."""
+    parser = build_parser()
+    for j in jobs(render(synthetic(job={"planCheck": False}))):
+        assert parser.parse_args(cli_argv(container(j, "validate"))).command == "validate"
+
+
 @pytest.mark.parametrize("profile", [p for p in PROFILES if p.endswith(("-x2", "-x4", "-x8", "-n2", "-n4"))])
 @pytest.mark.parametrize("backend", ["c10d", "static"])
 def test_torchrun_parses_the_launcher_and_passes_the_cli_through(profile: str, backend: str, render):
@@ -359,7 +371,7 @@ def test_a_sweep_renders_an_indexed_job_of_workers_sharing_the_study(render):
     parsed = build_parser().parse_args([a.replace("$(SWEEP_WORKER)", "2") for a in args[1:]])
     assert parsed.command == "sweep" and parsed.worker == 2 and parsed.run == "lora_r8"
     validate = pod["initContainers"][0]["args"]
-    assert validate[:2] == ["lora-exp", "validate"] and "sweep" not in validate
+    assert validate[:3] == ["lora-exp", "plan", "--check"] and "sweep" not in validate  # validate + the memory plan
     (run,) = _spec_runs(objs, job)
     assert run.spec.sweep is not None and run.spec.sweep.workers == 3
     assert not kt.k8s_errors(job, kt.KUBE_VERSIONS[0]) and not kt.k8s_errors(job, kt.KUBE_VERSIONS[-1])

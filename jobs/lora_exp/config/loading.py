@@ -233,9 +233,14 @@ def resolve_runs(
     path: str | os.PathLike[str],
     run: str | None = None,
     overrides: list[str] | None = None,
+    under: dict[str, Any] | None = None,
 ) -> list[Run]:
-    """Resolve the values file's runs (or the one named) into validated, checked specs, in file order."""
+    """Resolve the values file's runs (or the one named) into validated, checked specs, in file order.
+    ``under``: defaults layered under ``experiment.defaults`` (a hardware profile's training defaults, as the
+    chart layers them)."""
     exp = load_experiment(path)
+    if under:
+        exp = exp.model_copy(update={"defaults": deep_merge(under, exp.defaults)})
     base = run.split("/seed-", 1)[0] if run is not None else None
     if base is not None and base not in exp.runs:
         raise SpecError(f"{path}: no run named {run!r}; runs are: {', '.join(exp.runs)}")

@@ -50,3 +50,4 @@ def kd_of(tags: dict[str, str]) -> bool | None:
     """True/False for a distill run with/without KD, None for any other run."""
     value = tags.get(KD)
     return {"true": True, "false": False}.get(value) if value is not None else None
+ENERGY = "energy_joules"  # GPU energy of one attempt of a run (NVML), one point per attempt

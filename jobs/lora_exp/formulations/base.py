@@ -61,6 +61,8 @@ class FormulationType(Protocol):
     kind: ClassVar[str]
     task_kinds: ClassVar[tuple[str, ...]]
     has_head: ClassVar[bool]  # the model has a task head of its own (head-only training needs one)
+    model_class: ClassVar[str]  # the transformers Auto class that loads the base model
+    peft_task_type: ClassVar[str]  # PEFT's TaskType for LoRA
 
     @classmethod
     def build(cls, task: Any, spec: RunSpec, tokenizer: Any) -> Formulation: ...
@@ -76,6 +78,12 @@ class FormulationType(Protocol):
     @classmethod
     def final_metrics(cls, task: Any) -> tuple[str, ...]:
         """The metrics the final evaluation reports per split (``<split>_<name>``): what a sweep may optimise."""
+
+    @classmethod
+    def memory_probe(cls, model: Any, batch: int, length: int) -> Any:
+        """The training loss of a full batch (``batch`` rows of ``length`` tokens) computed as training computes
+        it, on whatever device ``model`` is (the memory plan runs it on the meta device to see what autograd
+        keeps)."""
 
 
 def check_early_stopping(spec: RunSpec, kind: str, metrics: tuple[str, ...]) -> None:
@@ -113,6 +121,13 @@ def formulation_type(spec: RunSpec, task: Task) -> FormulationType:
 def build_formulation(spec: RunSpec, task: Task, tokenizer: Any) -> Formulation:
     """The run's formulation: ``formulation.kind``, or the task's natural one for ``auto``."""
     return formulation_type(spec, task).build(task, spec, tokenizer)
+
+
+def probe_ids(model: Any, batch: int, length: int) -> Any:
+    """Token ids of a memory probe's batch, on the model's device (values do not matter on the meta device)."""
+    import torch
+
+    return torch.zeros(batch, length, dtype=torch.long, device=model.device)
 
 
 def flattening_collator() -> Any:

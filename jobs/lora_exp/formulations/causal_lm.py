@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_exp.core.errors import DataError
-from lora_exp.formulations.base import NoTrainingMetrics, map_batches, register_formulation
+from lora_exp.formulations.base import NoTrainingMetrics, map_batches, probe_ids, register_formulation
 from lora_exp.metrics.generation import generation_metrics
 from lora_exp.tasks import LM
 from lora_exp.tasks.wikitext import LMTask
@@ -43,6 +43,11 @@ class CausalLM(NoTrainingMetrics):
     @classmethod
     def final_metrics(cls, task: LMTask) -> tuple[str, ...]:
         return ("loss", "perplexity", "bleu", "sacrebleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "meteor")
+
+    @classmethod
+    def memory_probe(cls, model: Any, batch: int, length: int) -> Any:
+        ids = probe_ids(model, batch, length)
+        return model(input_ids=ids, attention_mask=ids.new_ones(ids.shape), labels=ids).loss
 
     @classmethod
     def build(cls, task: LMTask, spec: RunSpec, tokenizer: Any) -> CausalLM:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from lora_exp.core.errors import SpecError
-from lora_exp.formulations.base import Scorer, flattening_collator, register_formulation
+from lora_exp.formulations.base import Scorer, flattening_collator, probe_ids, register_formulation
 from lora_exp.formulations.classification import ClassificationFormulation, render
 from lora_exp.tasks import ClassificationTask
 
@@ -28,6 +28,11 @@ class Classifier(ClassificationFormulation):
     has_head: ClassVar[bool] = True
     model_class: ClassVar[str] = "AutoModelForSequenceClassification"
     peft_task_type: ClassVar[str] = "SEQ_CLS"
+
+    @classmethod
+    def memory_probe(cls, model: Any, batch: int, length: int) -> Any:
+        ids = probe_ids(model, batch, length)
+        return model(input_ids=ids, attention_mask=ids.new_ones(ids.shape), labels=ids[:, 0]).loss
 
     @classmethod
     def build(cls, task: ClassificationTask, spec: RunSpec, tokenizer: Any) -> Classifier:

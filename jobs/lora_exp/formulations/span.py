@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from lora_exp.core.errors import DataError, SpecError
-from lora_exp.formulations.base import NoTrainingMetrics, map_batches, register_formulation
+from lora_exp.formulations.base import NoTrainingMetrics, map_batches, probe_ids, register_formulation
 from lora_exp.metrics.squad import compute_exact, compute_f1, normalize_answer, squad_v2_metrics
 from lora_exp.tasks import QA
 from lora_exp.tasks.squad_v2 import QATask
@@ -57,6 +57,12 @@ class SpanExtraction(NoTrainingMetrics):
 
     def packing_collator(self) -> Any:
         raise SpecError("training.packing: not supported by the span formulation")
+
+    @classmethod
+    def memory_probe(cls, model: Any, batch: int, length: int) -> Any:
+        ids = probe_ids(model, batch, length)
+        return model(input_ids=ids, attention_mask=ids.new_ones(ids.shape), start_positions=ids[:, 0],
+                     end_positions=ids[:, 0]).loss
 
     @classmethod
     def build(cls, task: QATask, spec: RunSpec, tokenizer: Any) -> SpanExtraction:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from lora_exp.core.errors import SpecError
-from lora_exp.formulations.base import Scorer, flattening_collator, register_formulation
+from lora_exp.formulations.base import Scorer, flattening_collator, probe_ids, register_formulation
 from lora_exp.formulations.classification import ClassificationFormulation, render
 from lora_exp.tasks import ClassificationTask
 
@@ -36,6 +36,15 @@ class Verbalizer(ClassificationFormulation):
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     word_ids: list[list[int]] = field(init=False)
     first_ids: list[int] = field(init=False)
+
+    @classmethod
+    def memory_probe(cls, model: Any, batch: int, length: int) -> Any:
+        # One scored token per row, as scored_forward computes (logits only where a label word is predicted).
+        import torch.nn.functional as F
+
+        ids = probe_ids(model, batch, length)
+        logits = model(input_ids=ids, attention_mask=ids.new_ones(ids.shape), logits_to_keep=1).logits.float()
+        return F.cross_entropy(logits[:, -1], ids[:, -1])
 
     @classmethod
     def build(cls, task: ClassificationTask, spec: RunSpec, tokenizer: Any) -> Verbalizer:

@@ -63,6 +63,15 @@ class Method:
         """Freeze/wrap the base model so exactly the method's parameters train."""
         raise NotImplementedError
 
+    def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        """``apply`` for the memory plan, on a model on the meta device (no weights: nothing to quantize)."""
+        return self.apply(model, spec, task_type)
+
+    def weight_bytes(self, model: Any, spec: RunSpec) -> float:
+        """Bytes the model's weights take on the device while it trains (the plan's model, as ``plan_model``
+        made it): each parameter in its dtype by default."""
+        return float(sum(p.numel() * p.element_size() for p in model.parameters()))
+
     def save(self, trainer: Any, out_dir: str) -> None:
         """Write the run's artifact: only what the method trained (adapter, head, or the full model).
         Called on every rank: ``trainer.save_model`` gathers ZeRO-3 shards and writes on rank 0."""

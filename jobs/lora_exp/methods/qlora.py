@@ -64,4 +64,27 @@ class QLora(Lora):
         return super().apply(model, spec, task_type)
 
 
+    def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        # The adapters as LoRA adds them; the 4-bit storage of the base is counted by weight_bytes.
+        return super().apply(model, spec, task_type)
+
+    def weight_bytes(self, model: Any, spec: RunSpec) -> float:
+        """bitsandbytes stores each frozen Linear (and GPT-2 Conv1D) weight, the LM head and task heads excepted,
+        in 4 bits plus an absmax per 64 values: fp32, or 8-bit with one fp32 per 256 blocks (double quant)."""
+        import torch
+        from transformers.pytorch_utils import Conv1D
+
+        m = cast(QLoraSpec, spec.method)
+        per_value = 0.5 + (1 / 64 + 4 / (64 * 256) if m.double_quant else 4 / 64)
+        heads = {"lm_head", "score", "classifier", "qa_outputs"}
+        quantized: set[int] = set()
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and not heads & set(name.split(".")):
+                w = module.weight
+                if not w.requires_grad:
+                    quantized.add(id(w))
+        return float(sum(p.numel() * per_value if id(p) in quantized else p.numel() * p.element_size()
+                         for p in model.parameters()))
+
+
 register_method(QLora())

@@ -101,11 +101,16 @@ METHOD_COLUMNS = {  # column -> the metric it is (None: computed)
     "peak_cpu_memory_mb": "peak_cpu_memory_mb",
     "best_train_loss": None,
     "best_val_loss": None,
+    "device_hours": "device_hours",
+    "energy_kj": None,
+    "cost": "cost",
 }
+OPTIONAL_COLUMNS = ("energy_kj", "cost")
 METHOD_HEADERS = {
     "size_mb": "size (MB)", "trainable_params": "trainable params", "trainable_share": "trainable share",
     "train_runtime_s": "train time (s)", "peak_gpu_memory_mb": "peak GPU (MB)", "peak_cpu_memory_mb": "peak CPU (MB)",
     "best_train_loss": "best train loss", "best_val_loss": "best val loss", "train_samples_per_second": "samples/s",
+    "device_hours": "device-hours", "energy_kj": "GPU energy (kJ)", "cost": "cost",
 }
 
 
@@ -132,10 +137,16 @@ def method_rows(client: Any, tables: list[Table]) -> list[dict[str, Any]]:
         for column, metric in METHOD_COLUMNS.items():
             row[column] = m.get(metric) if metric else None
         row["best_train_loss"], row["best_val_loss"] = best_train, best_val
+        energy = [v for _, v in t.info.history(client, tags.ENERGY)] if tags.ENERGY in m else []
+        row["energy_kj"] = sum(energy) / 1000 if energy else None  # one point per attempt
         row.update({f"{s}_{name}": v for s, ms in t.splits.items() for name, v in ms.items() if is_score(name)})
         row["train_samples_per_second"] = m.get("train_samples_per_second")
         if t.info.kd is not None:
             row["kd"] = tags.kd_value(t.info.kd)
             row["teacher_run_id"] = t.info.tags.get(tags.TEACHER_RUN_ID)
         rows.append(row)
+    for column in OPTIONAL_COLUMNS:  # shown where some run has them (a GPU's energy counter, a priced profile)
+        if all(r.get(column) is None for r in rows):
+            for r in rows:
+                r.pop(column, None)
     return rows

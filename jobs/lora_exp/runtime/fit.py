@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -21,12 +22,14 @@ from lora_exp.config.schema import redact_uri
 from lora_exp.core import preemption
 from lora_exp.core.errors import Preempted
 from lora_exp.core.layout import SPEC_FILE, RunDir, write_json
+from lora_exp.core.tags import TRAIN
 from lora_exp.methods import Method, count_parameters
 from lora_exp.runtime.artifacts import artifact_size_mb, write_spec
 from lora_exp.runtime.evaluation import evaluate_splits
 from lora_exp.runtime.prepare import Prepared
 from lora_exp.runtime.tracking import Tracker, mlflow_run, probe, run_tracking_uri, upload_pending
 from lora_exp.runtime.trainer import (
+    MemoryWatch,
     best_losses,
     build_trainer,
     check_accelerator,
@@ -35,6 +38,7 @@ from lora_exp.runtime.trainer import (
 )
 
 log = logging.getLogger(__name__)
+COST_ENV = "LORA_EXP_COST_PER_GPU_HOUR"  # the profile's price of a device-hour (the chart sets it)
 
 
 def finished_metrics(run: Run, state: RunDir | None = None) -> dict[str, float] | None:
@@ -57,7 +61,8 @@ def train_run(run: Run, prepare_fn: Callable[[Run], Prepared]) -> dict[str, floa
         return done
     probe(run_tracking_uri(run))
     check_accelerator(run.spec)
-    return fit(run, prepare_fn(run))
+    watch = MemoryWatch()  # before the model loads: its weights are part of what the plan estimates
+    return fit(run, prepare_fn(run), watch)
 
 
 def record_spec(run: Run) -> None:
@@ -69,7 +74,39 @@ def record_spec(run: Run) -> None:
         write_json(run.dir.run_spec, spec)
 
 
-def fit(run: Run, p: Prepared) -> dict[str, float]:
+def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
+    """The plan's estimate for this run on this machine (``lora-exp plan``), logged beside the measured peak.
+    Only a record: a failure to estimate is logged and never costs the run."""
+    from lora_exp.runtime.memplan import estimate
+
+    try:
+        plan = estimate(run.spec, "gpu" if trainer.args.device.type == "cuda" else "cpu",
+                        gpus=trainer.accelerator.num_processes)
+    except Exception as e:  # noqa: BLE001 - the estimate is a record, the run goes on
+        log.warning("memory plan: no estimate (%s)", e)
+        return {}
+    log.info("memory plan: peak %.0f MiB per device (%s)", plan.peak_mb,
+             ", ".join(f"{k} {v:.0f}" for k, v in plan.breakdown.items()))
+    return plan.metrics()
+
+
+def device_cost(runtime_s: float | None, processes: int) -> dict[str, float]:
+    """``device_hours`` of the training (one device per process: a GPU, or a CPU pod) and, where the profile
+    prices them (the chart's ``costPerGpuHour``, env LORA_EXP_COST_PER_GPU_HOUR), its ``cost``."""
+    if not runtime_s:
+        return {}
+    hours = processes * runtime_s / 3600
+    out = {"device_hours": hours}
+    price = os.environ.get(COST_ENV, "")
+    try:
+        if price and float(price) > 0:
+            out["cost"] = hours * float(price)
+    except ValueError:
+        log.warning("%s=%r is not a number: no cost logged", COST_ENV, price)
+    return out
+
+
+def fit(run: Run, p: Prepared, watch: MemoryWatch | None = None) -> dict[str, float]:
     spec, d = run.spec, run.dir
     trainable, total = count_parameters(p.model)
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -82,6 +119,9 @@ def fit(run: Run, p: Prepared) -> dict[str, float]:
                              "trainable_share": trainable / total})
         trainer, stop = build_trainer(spec, p.model, p.form, p.tokenizer, d.root, p.train_ds, p.val_ds, tracker)
         describe_parallelism(trainer)
+        # The plan models train runs; a distillation's student is not a model the plan builds.
+        if trainer.is_world_process_zero() and spec.job == TRAIN:
+            tracker.log_metrics(memory_plan(run, trainer))
         resume = d.latest_checkpoint()
         if resume:
             log.info("resuming from %s", resume)
@@ -91,10 +131,13 @@ def fit(run: Run, p: Prepared) -> dict[str, float]:
             saved, step = d.latest_checkpoint(), stop.stopped_at or trainer.state.global_step
             raise Preempted(f"run {run.name}: SIGTERM; stopped after step {step}, checkpoint "
                             f"{saved.name if saved else '(none)'} in {d.root}; the next attempt resumes")
-        tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history)},
+        tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history),
+                             **device_cost(result.metrics.get("train_runtime"), trainer.accelerator.num_processes)},
                             step=trainer.state.global_step)
         save_artifact(run, trainer, p.method, tracker)
         metrics = evaluate_splits(trainer, p.form, p.evals_raw, d.eval_dir, tracker)
+        if watch is not None and trainer.is_world_process_zero():  # the whole run's peak, final evaluation too
+            tracker.log_metrics(watch.metrics(), step=trainer.state.global_step)
         if spec.tracking.register_model:
             tracker.register_model(spec.tracking.register_model, "model")
         if trainer.is_world_process_zero():

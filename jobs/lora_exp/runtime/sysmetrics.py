@@ -1,5 +1,6 @@
 """System metrics of a run (CPU, memory, disk, network; GPU utilisation, memory and power where NVML gives
-them), sampled by MLflow's own monitors and logged as ``system/...`` metrics through the run's spool.
+them), sampled by MLflow's own monitors and logged as ``system/...`` metrics through the run's spool; and
+the energy the GPUs used over the run (``energy_joules``, from NVML's energy counter where it has one).
 
 MLflow's ``SystemMetricsMonitor`` only starts for runs begun with ``mlflow.start_run`` and logs straight to
 the server from its thread; lora-exp opens runs with ``MlflowClient.create_run`` and lets nothing reach the
@@ -13,6 +14,8 @@ import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any
+
+from lora_exp.core.tags import ENERGY
 
 if TYPE_CHECKING:  # the tracker starts these; importing it at run time would be circular
     from lora_exp.runtime.tracking import Tracker
@@ -38,6 +41,24 @@ def _monitors() -> list[Any]:
     return monitors
 
 
+
+
+
+def energy_counters() -> list[int] | None:
+    """NVML's energy counter of each GPU this machine shows (millijoules since the driver loaded), or None
+    where there is no NVML or a GPU without the counter (pre-Volta). In a pod, the GPUs the device plugin
+    gave it; on a shared machine, every GPU of the machine."""
+    try:
+        import pynvml  # type: ignore[import-untyped]
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        return [int(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                for i in range(count)] or None
+    except Exception:  # no library, no driver, no counter: no energy figure
+        return None
+
+
 def metric_prefix() -> str:
     """``system/``, or ``system/rank<r>/`` in a multi-process run. Only rank 0 holds the MLflow run, so only
     its machine's figures are logged; the rank in the name says whose they are."""
@@ -56,6 +77,7 @@ class SystemMetrics:
         self._thread: threading.Thread | None = None
         self._monitors: list[Any] = []
         self._step = 0
+        self._energy: list[int] | None = None
 
     def start(self) -> SystemMetrics:
         if not self.tracker.active:
@@ -68,6 +90,7 @@ class SystemMetrics:
         # A resumed attempt continues the step count of the one before.
         self._step = 1 + max((s for k, s in self.tracker.logged_steps().items() if k.startswith(self.prefix)),
                              default=-1)
+        self._energy = energy_counters()
         self._thread = threading.Thread(target=self._run, name="lora-exp-system-metrics", daemon=True)
         self._thread.start()
         return self
@@ -98,3 +121,9 @@ class SystemMetrics:
                 self.tracker.log_metrics(self.sample(), step=self._step)
             except Exception as e:
                 log.warning("system metrics: last sample failed: %s", e)
+            end = energy_counters() if self._energy else None
+            if self._energy and end and len(end) == len(self._energy):
+                # The GPUs' energy over this attempt (rank 0's machine), one point per attempt: a resumed run's
+                # energy is the sum of its history (what `lora-exp compare` shows).
+                joules = sum(b - a for a, b in zip(self._energy, end, strict=True)) / 1000
+                self.tracker.log_metrics({ENERGY: joules}, step=self._step)

@@ -308,6 +308,45 @@ def best_losses(history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB; None where there is no procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class MemoryWatch:
+    """The memory a run adds while it loads and trains, for the plan's estimate to be checked against.
+
+    On Linux the peak resident set (VmHWM) is reset where the run starts (``/proc/self/clear_refs``), so
+    an earlier run of the same process (``lora-exp run``, a sweep) does not hide this one's; the growth is
+    the peak minus the resident set at the start. GPU: PyTorch's peak allocation, reset likewise."""
+
+    def __init__(self) -> None:
+        self.base = _status_mb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False  # the process's lifetime peak: the growth may be overstated
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def metrics(self) -> dict[str, float]:
+        """``peak_memory_growth_mb`` (CPU, where procfs has it) and ``peak_gpu_memory_mb`` since the start."""
+        out = {}
+        hwm = _status_mb("VmHWM")
+        if self.base is not None and hwm is not None:
+            out["peak_memory_growth_mb"] = hwm - self.base
+        if torch.cuda.is_available():
+            out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+
 def peak_memory() -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_cpu_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}

@@ -1,0 +1,288 @@
+"""Peak memory of a run, estimated before anything loads: the plan behind ``lora-exp plan``.
+
+Nothing is modelled that can be run instead. The run's model is built from its config on PyTorch's meta
+device (shapes and dtypes, no weights, no memory: what accelerate's ``estimate-memory`` does) and the run's
+method is applied to it, so the dtypes, the quantized weights and the trainable parameters are the run's
+own. Then one training step runs on it, through the formulation's own loss at the run's full batch
+(``per_device_train_batch_size`` rows of ``max_length`` tokens), backward (with gradient checkpointing's
+recomputation when it is on) and an AdamW step, while :class:`LiveBytes` follows every tensor storage that
+is alive: activations autograd keeps, transients, gradients and optimizer state. Its peak, plus the
+weights, is the estimate; an evaluation forward at ``per_device_eval_batch_size`` is measured the same way.
+Meta tensors cost nothing, so this takes about a second for a 1B model.
+
+What no library gives, and is written here, is the rest of the arithmetic:
+
+* ZeRO (not runnable on the meta device): gradients and optimizer state sharded over the run's GPUs
+  (stage 2, 3) and the weights too (3), plus DeepSpeed's fp32 master copy; offload moves them to the host;
+* GPU mixed precision: activations in 16 bits (the step runs in the autocast dtype), frozen matmul weights
+  stored in bf16 as the trainer stores them (``precast_frozen_weights``); a fixed CUDA context;
+* CPU: the checkpoint stays memory-mapped after loading, so where a method converts the weights (QLoRA)
+  the mapped pages count besides the converted copies; and the resident set runs above the live bytes
+  (:data:`CPU_ALLOCATOR_FACTOR`, measured).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lora_exp.formulations import formulation_type
+from lora_exp.methods import get_method
+from lora_exp.runtime.architectures import model_config
+from lora_exp.tasks import get_task
+
+if TYPE_CHECKING:
+    from lora_exp.config.schema import RunSpec
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+# The resident set of a CPU training process peaks above its live tensor bytes: glibc's malloc keeps freed
+# blocks for reuse once its dynamic mmap threshold has risen past the activations' sizes, and CPU kernels
+# allocate scratch the meta device never shows. Measured over the 12 runs of tests/test_memplan.py (three
+# models x four methods): 1.05-1.65x the live peak; 1.3 keeps the worst of them closest (docs/planning.md).
+CPU_ALLOCATOR_FACTOR = 1.3
+MASTER_BYTES = 4  # DeepSpeed's fp32 master copy of 16-bit trainable weights
+# Fixed costs of a training process beyond its tensors (autograd and oneDNN workspaces, the data loader,
+# the tracker's spool), measured as the growth of a run of a model with next to no parameters.
+CPU_RUNTIME_MB = 60.0
+GPU_RUNTIME_MB = 400.0  # the CUDA context and cuBLAS/cuDNN workspaces, outside max_memory_allocated
+
+
+@dataclass
+class MemoryPlan:
+    """A run's estimated peak memory per device, in MiB, and what it is made of."""
+
+    device: str  # "gpu" or "cpu"
+    breakdown: dict[str, float]  # weights, checkpoint_mapped, gradients, optimizer, activations, training_step,
+    # eval, runtime: the peak is weights + checkpoint_mapped + master + max(training_step, eval) + runtime
+    peak_mb: float
+    notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """As MLflow metrics: ``plan_peak_memory_mb`` and ``plan_<part>_mb``."""
+        return {"plan_peak_memory_mb": self.peak_mb, **{f"plan_{k}_mb": v for k, v in self.breakdown.items()}}
+
+
+class LiveBytes:
+    """Bytes of tensor storage alive at each moment of what runs under it (``with LiveBytes() as live``), and the
+    peak: every operator's outputs are counted when created and uncounted when their storage is freed (a
+    ``TorchDispatchMode``; a storage's Python object lives exactly as long as the storage). Storages alive
+    before (weights, buffers) are not counted. Run on the meta device, it times nothing and allocates nothing,
+    and what it sees is what the same code keeps alive on a real device: activations autograd saves, the
+    gradients, AdamW's state, and the transients of every operator, backward and recomputation included."""
+
+    def __init__(self, exclude: list[Any]) -> None:
+        self.live = self.peak = 0
+        # Storages by their C++ address: known ones are skipped; an entry leaves when its storage is freed
+        # (an address can be reused). The excluded (weights, buffers) stay, counted as 0.
+        self._known: dict[int, int] = {t.untyped_storage()._cdata: 0 for t in exclude}
+
+    def _free(self, key: int, n: int) -> None:
+        self.live -= n
+        self._known.pop(key, None)
+
+    def track(self, t: Any) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._known:
+            return
+        n = storage.nbytes()
+        self._known[key] = n
+        self.live += n
+        if self.live > self.peak:
+            self.peak = self.live
+        weakref.finalize(storage, self._free, key, n).atexit = False
+
+    def __enter__(self) -> LiveBytes:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                if isinstance(out, torch.Tensor):
+                    tracker.track(out)
+                elif isinstance(out, (tuple, list)):
+                    for t in out:
+                        if isinstance(t, torch.Tensor):
+                            tracker.track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+
+
+@dataclass
+class StepPeaks:
+    """Live bytes of one training step: at the peak of forward and backward, at the peak of the optimizer
+    step, and what outlives the step (the optimizer state; zero_grad frees the gradients)."""
+
+    forward_backward: float
+    optimizer_step: float
+    kept: float
+
+    @property
+    def steady(self) -> float:
+        """The peak of every later step: the optimizer state made by the first step is alive during their
+        forward and backward too."""
+        return max(self.optimizer_step, self.forward_backward + self.kept)
+
+
+def training_peak(model: Any, step: Callable[[], Any], optimizer: Any) -> StepPeaks:
+    """One training step (forward, backward, optimizer step, zero_grad) under :class:`LiveBytes`."""
+    with LiveBytes([*model.parameters(), *model.buffers()]) as live:
+        loss = step()
+        loss.backward()
+        del loss
+        forward_backward = live.peak
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepPeaks(float(forward_backward), float(live.peak), float(live.live))
+
+
+def eval_peak(model: Any, step: Callable[[], Any]) -> LiveBytes:
+    """One evaluation forward (no autograd: only transients) under :class:`LiveBytes`."""
+    import torch
+
+    model.eval()
+    try:
+        with torch.no_grad(), LiveBytes([*model.parameters(), *model.buffers()]) as live:
+            step()
+    finally:
+        model.train()
+    return live
+
+
+def activation_dtype(spec: RunSpec, device: str) -> str:
+    """The dtype the activations are kept in: 16-bit under mixed precision on GPU, else fp32 (the CPU runs
+    fp32 unless it has bf16 units, and the plan cannot know the node's CPU: the larger figure)."""
+    if device == "gpu" and spec.training.precision in ("auto", "fp16", "bf16"):
+        return "bfloat16" if spec.training.precision in ("auto", "bf16") else "float16"
+    return "float32"
+
+
+def weights_dtype(spec: RunSpec, config: Any) -> str:
+    """The dtype the base weights load in: the spec's, or for ``auto`` the checkpoint's (fp32 if unknown)."""
+    if spec.model.dtype != "auto":
+        return spec.model.dtype
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype else "float32"
+
+
+def meta_model(spec: RunSpec, config: Any, dtype: str, train: bool = True) -> Any:
+    """The run's model as it trains (method applied), on the meta device: shapes and dtypes, no data."""
+    import torch
+    import transformers
+
+    task = get_task(spec)
+    form = formulation_type(spec, task)
+    method = get_method(spec.method.name)
+    cls = getattr(transformers, form.model_class)
+    labels = getattr(task, "labels", ())
+    kwargs: dict[str, Any] = {}
+    if form.model_class == "AutoModelForSequenceClassification":
+        config.num_labels = len(labels)
+        config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    config._attn_implementation = "eager" if spec.model.attn_implementation == "auto" else \
+        spec.model.attn_implementation if not spec.model.attn_implementation.startswith("flash") else "sdpa"
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=getattr(torch, dtype), **kwargs)
+    if train:
+        model = method.plan_model(model, spec, form.peft_task_type)
+    model.train()
+    return model, form, method
+
+
+def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -> tuple[float, StepPeaks]:
+    """(evaluation peak, training-step peaks) in live bytes of ``model`` (the run's, on the meta device, built
+    with ``form``): one evaluation forward and one training step, in the activation dtype of the run on
+    ``device``."""
+    import torch
+
+    t = spec.training
+    built = model
+    act_dtype = activation_dtype(spec, device)
+    if device == "gpu" and act_dtype != "float32":
+        built.to(getattr(torch, act_dtype))  # autocast: the activations are 16-bit (the weights are counted apart)
+    b, s = t.per_device_train_batch_size, spec.model.max_length
+    ev = float(eval_peak(built, lambda: form.memory_probe(built, t.per_device_eval_batch_size, s)).peak)
+    if not train:
+        return ev, StepPeaks(0.0, 0.0, 0.0)
+    if t.gradient_checkpointing:
+        built.config.use_cache = False  # as the Trainer does; else transformers says so on every probe
+        built.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # foreach (multi-tensor) AdamW is PyTorch's default on GPU: its temporaries count there.
+    opt = torch.optim.AdamW([p for p in built.parameters() if p.requires_grad], foreach=device == "gpu")
+    return ev, training_peak(built, lambda: form.memory_probe(built, b, s), opt)
+
+
+def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = None, train: bool = True) -> MemoryPlan:
+    """The run's peak memory per device (``device``: "cpu" or "gpu"; ``gpus``: the GPUs sharing ZeRO state).
+    ``train=False``: evaluation only (an eval job; a distillation's teacher pass), the base model as it loads."""
+    import copy
+
+    import torch
+
+    notes: list[str] = []
+    if config is None:
+        config, where = model_config(spec.model)
+        if where:
+            notes.append(where)
+    config = copy.deepcopy(config)
+    t = spec.training
+    model, form, method = meta_model(spec, config, weights_dtype(spec, config), train)
+    if device == "gpu" and t.precision in ("auto", "bf16") and not t.zero_stage and train:
+        from lora_exp.runtime.trainer import precast_frozen_weights
+
+        precast_frozen_weights(model, torch.bfloat16)
+
+    checkpoint = float(sum(p.numel() * p.element_size() for p in model.parameters()))
+    weights = method.weight_bytes(model, spec) if train else checkpoint
+    # On CPU the checkpoint stays memory-mapped after loading; where the method converted the weights
+    # (QLoRA's 4-bit copies), the mapped pages it read count in the resident set besides the copies.
+    mapped = checkpoint if device == "cpu" and weights < checkpoint else 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad] if train else []
+    grads = float(sum(p.numel() * p.element_size() for p in trainable))
+    optim = grads * 2  # AdamW: two moments per trainable parameter, in its dtype
+
+    # The whole model is probed: shallow copies extrapolated by depth were tried and were wrong where the
+    # phase holding the peak (start of backward: activations; its end: gradients) changes with depth.
+    with warnings.catch_warnings():  # transformers' deprecation notes on checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        ev, steps = step_peaks(spec, device, train, model, form)
+    train_peak = steps.steady
+    # ZeRO shards what the tracker saw whole: gradients and optimizer state (stage 2, 3), weights (3), over the
+    # run's GPUs, plus DeepSpeed's fp32 master copy; offload moves the optimizer state to host memory.
+    master = 0.0
+    if train and t.zero_stage:
+        shards = max(1, gpus)
+        kept = (grads + optim) / shards
+        master = grads * MASTER_BYTES / max(1, trainable[0].element_size() if trainable else 4) / shards
+        if t.zero_offload:
+            kept, master = grads / shards, 0.0
+            notes.append("ZeRO offload: optimizer state in host memory")
+        train_peak = max(0.0, train_peak - (grads + optim) + kept)
+        if t.zero_stage == 3:
+            weights = 0.0 if t.zero_offload else weights / shards
+    activations = max(0.0, train_peak - grads - optim) if train else 0.0
+    if device == "cpu":  # the resident set holds freed blocks besides the live ones
+        train_peak *= CPU_ALLOCATOR_FACTOR
+        ev *= CPU_ALLOCATOR_FACTOR
+    runtime = (CPU_RUNTIME_MB if device == "cpu" else GPU_RUNTIME_MB) * MB
+    peak = weights + mapped + master + max(train_peak, ev) + runtime
+    parts = {"weights": weights, "checkpoint_mapped": mapped, "gradients": grads, "optimizer": optim + master,
+             "activations": activations, "training_step": train_peak, "eval": ev, "runtime": runtime}
+    if t.gradient_checkpointing and train:
+        notes.append("gradient checkpointing (layers recomputed in backward)")
+    return MemoryPlan(device, {k: v / MB for k, v in parts.items()}, peak / MB, notes)
