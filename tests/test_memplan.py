@@ -168,6 +168,41 @@ def test_check_fails_with_exit_2_and_the_breakdown_before_anything_runs(tmp_path
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
     rc, out = plan("-f", str(values), "--profiles", str(profiles), "--profile", "big", "--check")
     assert rc == 0 and table(out)["lora"]["verdict"] == "fits", out
+    # A profile that does not say its memory is not a reason to stop a run.
+    profiles.write_text(yaml.safe_dump({"profiles": {"mystery": {"gpus": 1, "nodes": 1}}}))
+    rc, out = plan("-f", str(values), "--profiles", str(profiles), "--profile", "mystery", "--check")
+    assert rc == 0 and table(out)["lora"]["verdict"] == "unknown capacity", out
+
+
+def test_gpu_attention_is_planned_as_the_fused_kernels_keep_it(tiny_llama: Path, toy_data, tmp_path: Path):
+    """On GPU the fused attention kernels (flash, SDPA's) keep no (length x length) score matrix; eager
+    attention does, and the plan sees the difference grow with the square of the length."""
+    from lora_exp.config.loading import resolve_runs
+    from lora_exp.runtime.memplan import estimate
+
+    doc = experiment(tiny_llama, toy_data, tmp_path, training={"precision": "bf16"})
+    doc["experiment"]["defaults"]["model"]["max_length"] = 128
+    (run,) = resolve_runs(write_values(tmp_path, doc))
+    act = {}
+    for attn in ("auto", "eager"):
+        spec = run.spec.model_copy(update={"model": run.spec.model.model_copy(update={"attn_implementation": attn})})
+        act[attn] = estimate(spec, "gpu").breakdown["activations"]
+    # Eager keeps softmax scores (batch 8 x 2 heads x 128 x 128 in bf16 = 0.5 MiB) and more per layer.
+    assert act["eager"] > act["auto"] + 1.0, act
+
+
+def test_auto_keeps_the_runs_pinned_to_a_profile(tmp_path: Path, plan):
+    """--auto chooses for the runs without a profile of their own; job.runProfiles pins are kept."""
+    src = yaml.safe_load((ROOT / "values" / "glue.yaml").read_text())
+    src["job"] = {"runProfiles": {"mrpc-full": "a100-80g-x8"}}
+    values = tmp_path / "pinned.yaml"
+    values.write_text(yaml.safe_dump(src))
+    overlay = tmp_path / "auto.yaml"
+    rc, out = plan("-f", str(values), "--auto", str(overlay))
+    assert rc == 0, out
+    doc = yaml.safe_load(overlay.read_text())
+    assert doc["job"]["runProfiles"]["mrpc-full"] == "a100-80g-x8"
+    assert doc["profile"] != "a100-80g-x8"
 
 
 def test_auto_writes_the_smallest_fitting_profile_as_a_helm_overlay(tmp_path: Path, plan):

@@ -216,7 +216,7 @@ class MLflow(Closed):
 class Profile(Closed):
     description: str = ""
     gpus: Annotated[int, Field(ge=0)]
-    gpuMemoryGiB: Annotated[float, Field(ge=0)]
+    gpuMemoryGiB: Annotated[float, Field(ge=0)] = 0
     costPerGpuHour: Annotated[float, Field(ge=0)] = 0
     nodes: Annotated[int, Field(ge=1)]
     resources: Resources

@@ -72,8 +72,11 @@ class Planner:
                                         train=run.spec.job in tags.TRAINING_JOBS and run.spec.job != tags.DISTILL)
         return self._cache[key]
 
-    def fits(self, plan: MemoryPlan, profile: HardwareProfile, margin: float) -> bool:
-        return profile.capacity_mb > 0 and plan.peak_mb * (1 + margin) <= profile.capacity_mb
+    def fits(self, plan: MemoryPlan, profile: HardwareProfile, margin: float) -> bool | None:
+        """True/False; None where the profile does not say its memory (no gpuMemoryGiB, no memory limit)."""
+        if profile.capacity_mb <= 0:
+            return None
+        return plan.peak_mb * (1 + margin) <= profile.capacity_mb
 
     def smallest(self, name: str, margin: float, device: str) -> str | None:
         """The smallest profile (by total accelerator memory) of ``device`` ("gpu"/"cpu") on which run ``name``
@@ -89,7 +92,9 @@ class Planner:
 def main(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.values, args.profiles)
     planner = Planner(args.values, args.run, args.overrides, profiles)
-    rows, chosen, failing = [], {}, []
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, str | None] = {}
+    failing: list[str] = []
     resolved = resolve_runs(args.values, args.run, args.overrides)
     if args.check:  # everything `lora-exp validate` checks comes first: the init container runs this alone
         from lora_exp.runtime.preflight import preflight
@@ -99,26 +104,39 @@ def main(args: argparse.Namespace) -> int:
     names = [r.name for r in resolved]
     for name in names:
         pname = args.profile or profiles.name_for(name)
-        auto = pname == AUTO
-        smallest = planner.smallest(name, args.margin, "gpu" if auto else profiles.get(pname).device)
-        if auto:
-            if smallest is None:
-                raise errors.UserError(f"run {name}: no profile fits it (profile: auto); lower the batch size or "
-                                       "max_length, or turn on gradient checkpointing")
-            pname = smallest
-        profile = profiles.get(pname)
-        run = next(r for r in planner.runs(profile) if r.name == name)
-        plan = planner.plan(run, profile)
+        try:
+            smallest = planner.smallest(name, args.margin, "gpu" if pname == AUTO else profiles.get(pname).device)
+            if pname == AUTO:
+                if smallest is None:
+                    raise errors.UserError(f"run {name}: no profile fits it (profile: auto); lower the batch size "
+                                           "or max_length, or turn on gradient checkpointing")
+                pname = smallest
+            profile = profiles.get(pname)
+            run = next(r for r in planner.runs(profile) if r.name == name)
+            plan = planner.plan(run, profile)
+        except errors.SpecError:
+            raise  # the spec or the profile is wrong: that is for the user to fix, as validate says
+        except Exception as e:  # noqa: BLE001 - the plan must never be why a run that could start does not
+            if not args.check:
+                raise
+            log.warning("run %s: no memory estimate (%s); not judged, the run goes ahead", name, e)
+            rows.append({"run": name, "profile": pname, "verdict": "not estimated"})
+            continue
         fits = planner.fits(plan, profile, args.margin)
         chosen[name] = smallest
-        if not fits:
+        if fits is False:
             failing.append(name)
         unit = "GPU" if profile.gpus else "pod"
-        verdict = "fits" if fits else "DOES NOT FIT"
+        verdict = {True: "fits", False: "DOES NOT FIT", None: "unknown capacity"}[fits]
+        notes = list(plan.notes)
+        if run.spec.sweep is not None:
+            notes.append("a sweep: judged at its base spec, not at every trial's values")
+        if run.spec.job == tags.DISTILL:
+            notes.append("distill: the teacher's pass is estimated, not the student's training")
         log.info("run %s on %s (%s): peak %.0f MiB per %s of %.0f MiB with %d%% margin: %s; smallest fitting "
                  "profile: %s%s", name, pname, profile.description or pname, plan.peak_mb, unit,
                  profile.capacity_mb, round(100 * args.margin), verdict, smallest or "none",
-                 "".join(f"; {n}" for n in plan.notes))
+                 "".join(f"; {n}" for n in notes))
         parts = {k: round(v) for k, v in plan.breakdown.items()}
         rows.append({"run": name, "job": run.spec.job, "profile": pname, **parts, "peak MiB": round(plan.peak_mb),
                      "capacity MiB": round(profile.capacity_mb), "verdict": verdict, "smallest fit": smallest or "-"})
@@ -126,7 +144,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if args.auto:
-        overlay = auto_overlay(chosen, names)
+        # Runs pinned to a profile of their own (job.runProfiles) keep it; the others get their smallest fit.
+        pinned = {n: p for n in names if (p := profiles.per_run.get(n.split("/seed-", 1)[0])) and p != AUTO}
+        overlay = auto_overlay({n: pinned.get(n) or chosen.get(n) for n in names}, names)
         Path(args.auto).write_text(yaml.safe_dump(overlay, sort_keys=False))
         log.info("wrote %s: helm install ... -f %s -f %s", args.auto, args.values, args.auto)
     if args.check and failing:
@@ -139,10 +159,10 @@ def main(args: argparse.Namespace) -> int:
 
 def auto_overlay(chosen: dict[str, str | None], names: list[str]) -> dict[str, Any]:
     """``profile`` = the most common choice, ``job.runProfiles`` for the runs that need another."""
-    picks = [chosen[n] for n in names if chosen[n]]
+    picks = [p for n in names if (p := chosen.get(n))]
     if len(picks) != len(names):
-        missing = [n for n in names if not chosen[n]]
+        missing = [n for n in names if not chosen.get(n)]
         raise errors.UserError(f"runs {missing}: no profile fits; nothing written")
-    common = max(set(picks), key=picks.count)
+    common = max(sorted(set(picks)), key=picks.count)
     runs = {n.split("/seed-", 1)[0]: p for n, p in chosen.items() if p != common}
     return {"profile": common, "job": {"runProfiles": runs}} if runs else {"profile": common}

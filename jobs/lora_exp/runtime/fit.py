@@ -77,8 +77,15 @@ def record_spec(run: Run) -> None:
 def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
     """The plan's estimate for this run on this machine (``lora-exp plan``), logged beside the measured peak.
     Only a record: a failure to estimate is logged and never costs the run."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     from lora_exp.runtime.memplan import estimate
 
+    if is_deepspeed_zero3_enabled():
+        # transformers would build even the meta model under deepspeed.zero.Init (collectives on one rank):
+        # `lora-exp plan` gives the estimate of a ZeRO-3 run, from its own process.
+        log.info("memory plan: not estimated inside a ZeRO-3 run (lora-exp plan estimates it)")
+        return {}
     try:
         plan = estimate(run.spec, "gpu" if trainer.args.device.type == "cuda" else "cpu",
                         gpus=trainer.accelerator.num_processes)

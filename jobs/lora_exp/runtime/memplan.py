@@ -172,6 +172,39 @@ def activation_dtype(spec: RunSpec, device: str) -> str:
     return "float32"
 
 
+FUSED_ATTENTION = "lora_exp_fused_attention_probe"
+
+
+def register_fused_attention_probe() -> str:
+    """An attention function with the memory of flash/memory-efficient attention, for the meta probe on GPU.
+
+    On the meta device PyTorch's SDPA takes its math path, which keeps the (heads x length x length) score
+    matrix that the fused GPU kernels (flash attention, SDPA's flash and memory-efficient backends) never
+    materialise; they keep the output and a float32 log-sum-exp per query for backward. This registers (once,
+    with transformers' AttentionInterface) a function whose autograd saves exactly that."""
+    import torch
+    from transformers import AttentionInterface
+
+    class FusedAttentionMemory(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any) -> Any:  # (batch, heads, length, head_dim)
+            out = torch.empty_like(q)
+            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        return FusedAttentionMemory.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(FUSED_ATTENTION, attention)
+    return FUSED_ATTENTION
+
+
 def weights_dtype(spec: RunSpec, config: Any) -> str:
     """The dtype the base weights load in: the spec's, or for ``auto`` the checkpoint's (fp32 if unknown)."""
     if spec.model.dtype != "auto":
@@ -180,8 +213,10 @@ def weights_dtype(spec: RunSpec, config: Any) -> str:
     return str(dtype).removeprefix("torch.") if dtype else "float32"
 
 
-def meta_model(spec: RunSpec, config: Any, dtype: str, train: bool = True) -> Any:
-    """The run's model as it trains (method applied), on the meta device: shapes and dtypes, no data."""
+def meta_model(spec: RunSpec, config: Any, dtype: str, train: bool = True, device: str = "cpu") -> Any:
+    """The run's model as it trains (method applied), on the meta device: shapes and dtypes, no data. Its
+    attention is what the run uses on ``device``: eager on CPU (``attn_implementation`` auto picks it there),
+    and on GPU, unless eager is asked for, a fused kernel's footprint (:func:`fused_attention_probe`)."""
     import torch
     import transformers
 
@@ -194,10 +229,14 @@ def meta_model(spec: RunSpec, config: Any, dtype: str, train: bool = True) -> An
     if form.model_class == "AutoModelForSequenceClassification":
         config.num_labels = len(labels)
         config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
-    config._attn_implementation = "eager" if spec.model.attn_implementation == "auto" else \
-        spec.model.attn_implementation if not spec.model.attn_implementation.startswith("flash") else "sdpa"
+    wanted = spec.model.attn_implementation
+    if device == "gpu" and wanted != "eager":
+        config._attn_implementation = register_fused_attention_probe()
+    else:
+        config._attn_implementation = "eager" if wanted in ("auto", "eager") else "sdpa"
     with torch.device("meta"):
-        model = cls.from_config(config, dtype=getattr(torch, dtype), **kwargs)
+        model = cls.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=spec.model.trust_remote_code,
+                                **kwargs)
     if train:
         model = method.plan_model(model, spec, form.peft_task_type)
     model.train()
@@ -207,24 +246,34 @@ def meta_model(spec: RunSpec, config: Any, dtype: str, train: bool = True) -> An
 def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -> tuple[float, StepPeaks]:
     """(evaluation peak, training-step peaks) in live bytes of ``model`` (the run's, on the meta device, built
     with ``form``): one evaluation forward and one training step, in the activation dtype of the run on
-    ``device``."""
+    ``device``.
+
+    Autocast cannot run on meta tensors, so GPU mixed precision is probed with the whole model in 16 bits and
+    corrected after: the trainable weights' gradients and AdamW moments are kept in their own dtype (fp32),
+    and autocast caches a 16-bit copy of each trainable weight through forward and backward."""
     import torch
 
     t = spec.training
-    built = model
-    act_dtype = activation_dtype(spec, device)
-    if device == "gpu" and act_dtype != "float32":
-        built.to(getattr(torch, act_dtype))  # autocast: the activations are 16-bit (the weights are counted apart)
+    trainable = [p for p in model.parameters() if p.requires_grad] if train else []
+    real = float(sum(p.numel() * p.element_size() for p in trainable))
+    act_dtype = getattr(torch, activation_dtype(spec, device))
+    if device == "gpu" and act_dtype != torch.float32:
+        model.to(act_dtype)
+    probed = float(sum(p.numel() * p.element_size() for p in trainable))
     b, s = t.per_device_train_batch_size, spec.model.max_length
-    ev = float(eval_peak(built, lambda: form.memory_probe(built, t.per_device_eval_batch_size, s)).peak)
+    ev = float(eval_peak(model, lambda: form.memory_probe(model, t.per_device_eval_batch_size, s)).peak)
     if not train:
         return ev, StepPeaks(0.0, 0.0, 0.0)
     if t.gradient_checkpointing:
-        built.config.use_cache = False  # as the Trainer does; else transformers says so on every probe
-        built.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # as the Trainer does; else transformers says so on every probe
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # foreach (multi-tensor) AdamW is PyTorch's default on GPU: its temporaries count there.
-    opt = torch.optim.AdamW([p for p in built.parameters() if p.requires_grad], foreach=device == "gpu")
-    return ev, training_peak(built, lambda: form.memory_probe(built, b, s), opt)
+    opt = torch.optim.AdamW(trainable, foreach=device == "gpu")
+    peaks = training_peak(model, lambda: form.memory_probe(model, b, s), opt)
+    grads, moments, cache = real - probed, 2 * (real - probed), probed if real != probed else 0.0
+    accumulated = real if t.gradient_accumulation_steps > 1 else 0.0  # gradients live across micro-batches
+    return ev, StepPeaks(peaks.forward_backward + grads + cache + accumulated,
+                         peaks.optimizer_step + grads + moments, peaks.kept + moments)
 
 
 def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = None, train: bool = True) -> MemoryPlan:
@@ -241,11 +290,12 @@ def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = No
             notes.append(where)
     config = copy.deepcopy(config)
     t = spec.training
-    model, form, method = meta_model(spec, config, weights_dtype(spec, config), train)
-    if device == "gpu" and t.precision in ("auto", "bf16") and not t.zero_stage and train:
+    model, form, method = meta_model(spec, config, weights_dtype(spec, config), train, device)
+    sixteen = device == "gpu" and t.precision != "fp32"
+    if sixteen and t.precision in ("auto", "bf16") and not t.zero_stage and train:
         from lora_exp.runtime.trainer import precast_frozen_weights
 
-        precast_frozen_weights(model, torch.bfloat16)
+        precast_frozen_weights(model, torch.bfloat16)  # as the trainer stores them
 
     checkpoint = float(sum(p.numel() * p.element_size() for p in model.parameters()))
     weights = method.weight_bytes(model, spec) if train else checkpoint
@@ -261,26 +311,32 @@ def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = No
     with warnings.catch_warnings():  # transformers' deprecation notes on checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         ev, steps = step_peaks(spec, device, train, model, form)
-    train_peak = steps.steady
-    # ZeRO shards what the tracker saw whole: gradients and optimizer state (stage 2, 3), weights (3), over the
-    # run's GPUs, plus DeepSpeed's fp32 master copy; offload moves the optimizer state to host memory.
+    train_peak, kept = steps.steady, steps.kept
+    activations = max(0.0, steps.forward_backward - grads) if train else 0.0
+    # ZeRO (not runnable here) shards what the probe saw whole: gradients and optimizer state (stage 2, 3) and
+    # the weights (3) over the run's GPUs; under 16-bit precision DeepSpeed holds the weights in 16 bits plus
+    # an fp32 master copy (sharded); offload moves the optimizer state and master copy to host memory.
     master = 0.0
     if train and t.zero_stage:
         shards = max(1, gpus)
-        kept = (grads + optim) / shards
-        master = grads * MASTER_BYTES / max(1, trainable[0].element_size() if trainable else 4) / shards
+        numel = sum(p.numel() for p in trainable)
+        master = numel * MASTER_BYTES / shards if sixteen else 0.0
+        state = (grads + optim) / shards
         if t.zero_offload:
-            kept, master = grads / shards, 0.0
-            notes.append("ZeRO offload: optimizer state in host memory")
-        train_peak = max(0.0, train_peak - (grads + optim) + kept)
+            state, master = grads / shards, 0.0
+            notes.append("ZeRO offload: optimizer state and master weights in host memory")
+        train_peak = max(0.0, train_peak - (grads + optim)) + state
+        kept = optim / shards if not t.zero_offload else 0.0
+        if sixteen:
+            weights = float(sum(p.numel() for p in model.parameters())) * 2
         if t.zero_stage == 3:
             weights = 0.0 if t.zero_offload else weights / shards
-    activations = max(0.0, train_peak - grads - optim) if train else 0.0
     if device == "cpu":  # the resident set holds freed blocks besides the live ones
         train_peak *= CPU_ALLOCATOR_FACTOR
         ev *= CPU_ALLOCATOR_FACTOR
     runtime = (CPU_RUNTIME_MB if device == "cpu" else GPU_RUNTIME_MB) * MB
-    peak = weights + mapped + master + max(train_peak, ev) + runtime
+    # In-training evaluation runs while the optimizer state is alive.
+    peak = weights + mapped + master + max(train_peak, ev + kept) + runtime
     parts = {"weights": weights, "checkpoint_mapped": mapped, "gradients": grads, "optimizer": optim + master,
              "activations": activations, "training_step": train_peak, "eval": ev, "runtime": runtime}
     if t.gradient_checkpointing and train:
