@@ -278,7 +278,25 @@ def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -
 
 def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = None, train: bool = True) -> MemoryPlan:
     """The run's peak memory per device (``device``: "cpu" or "gpu"; ``gpus``: the GPUs sharing ZeRO state).
-    ``train=False``: evaluation only (an eval job; a distillation's teacher pass), the base model as it loads."""
+    ``train=False``: evaluation only (an eval job; a distillation's teacher pass), the base model as it loads.
+
+    Leaves every random number generator as it found it: a train run estimates itself between seeding and
+    training, and initialising the meta model draws from them, which would change the run's results."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _estimate(spec, device, gpus, config, train)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool) -> MemoryPlan:
     import copy
 
     import torch
@@ -318,15 +336,20 @@ def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = No
     # an fp32 master copy (sharded); offload moves the optimizer state and master copy to host memory.
     master = 0.0
     if train and t.zero_stage:
+        # DeepSpeed's optimizer keeps fp32 gradient partitions and fp32 moments whatever the model's dtype,
+        # and an fp32 master copy of 16-bit weights.
         shards = max(1, gpus)
         numel = sum(p.numel() for p in trainable)
-        master = numel * MASTER_BYTES / shards if sixteen else 0.0
-        state = (grads + optim) / shards
+        half = sixteen or any(p.element_size() < 4 for p in trainable)
+        master = numel * MASTER_BYTES / shards if half else 0.0
+        probed = grads + optim
+        grads, optim = numel * 4 / shards, numel * 8 / shards
+        state = grads + optim
         if t.zero_offload:
-            state, master = grads / shards, 0.0
+            state, optim, master = grads, 0.0, 0.0
             notes.append("ZeRO offload: optimizer state and master weights in host memory")
-        train_peak = max(0.0, train_peak - (grads + optim)) + state
-        kept = optim / shards if not t.zero_offload else 0.0
+        train_peak = max(0.0, train_peak - probed) + state
+        kept = optim
         if sixteen:
             weights = float(sum(p.numel() for p in model.parameters())) * 2
         if t.zero_stage == 3:
