@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR := .cache/models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test lint fmt clean help bench bench-gpu
+.PHONY: setup model demo test lint fmt clean help bench bench-gpu seeds
 
 help:
 	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU,"
@@ -19,6 +19,8 @@ help:
 	@echo "make test   - set up and run the test suite (what CI runs)"
 	@echo "make bench  - lora-exp against a plain Trainer+PEFT script on SmolLM2 (CPU) -> docs/benchmarks.md"
 	@echo "make bench-gpu - the same plus GPT-2 large and a ~1B Llama on a CUDA machine (reports MFU)"
+	@echo "make seeds  - every seed experiment from its values file on random-weight models of the seeds' shapes and"
+	@echo "              hub-format local data, each promised output checked -> outputs/seeds/report.md (docs/seeds.md)"
 	@echo "make lint   - ruff, the layer contracts (import-linter) and the type checker (mypy)"
 	@echo "make image  - build the CPU job image and the MLflow image with podman or docker"
 	@echo "make image-test - run the chart's rendered pods from them: offline smoke, MLflow on PostgreSQL, 2-pod torchrun"
@@ -64,9 +66,14 @@ bench: setup model
 bench-gpu: setup model
 	$(PY) benchmarks/harness.py --gpu $(BENCH_ARGS)
 
+# The seed replays (lora-exp replay, docs/seeds.md): real shapes up to gpt2-large, TinyLlama scaled down, 2 steps
+# per train run, on CPU. On a GPU machine: make seeds SEEDS_ARGS="--shape full --steps 20".
+seeds: setup
+	$(LORA_EXP) replay --out outputs/seeds $(SEEDS_ARGS)
+
 # lint, the manifest security scan and hadolint (mk/k8s.mk), then every test.
 test: setup model $(WORDNET) lint k8s-scan k8s-lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # ruff; the import layers (pyproject.toml [tool.importlinter]: a module imports only from layers below it);
 # mypy on the package.

@@ -88,3 +88,27 @@ def test_zero_without_a_launcher_runs_as_a_world_of_one(tmp_path, tiny_gpt2, toy
     assert proc.returncode == 0, log[-5000:]
     assert "single-process world" in log and "DeepSpeed ZeRO stage 2" in log
     assert _one_finished_run(tmp_path).data.metrics["trainable_params"] > 0
+
+
+@pytest.mark.slow
+def test_a_zero3_run_leaves_nothing_behind_for_the_next_run_in_the_process(tmp_path, tiny_gpt2, toy_data):
+    """`lora-exp train` trains a file's runs one after another in one process. accelerate and transformers keep
+    DeepSpeed state process-wide: without the release between runs, the LoRA run after a ZeRO-3 run loaded
+    its model partitioned (zero-sized weights) and trained under DeepSpeed, and crashed (seed 001's glue.yaml).
+    The LoRA run must count the base model's parameters and train without DeepSpeed, as in a process alone."""
+    values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
+        "full": {"method": {"name": "full"}, "training": {"zero_stage": 3, "max_steps": 2}},
+        "lora": {"method": {"name": "lora", "r": 4}, "training": {"max_steps": 2}},
+        "full-again": {"method": {"name": "full"}, "training": {"zero_stage": 3, "max_steps": 2}}}))
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-m", "lora_exp", "train", "-f", str(values)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    client = mlflow_client(tmp_path)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])}
+    full, lora = runs["full"].data.metrics, runs["lora"].data.metrics
+    assert lora["total_params"] >= full["total_params"]  # the whole base model, not its empty shards
+    assert "processes: 1 (NO, backend None)" in log.split("run lora")[-1].split("run full-again")[0], log[-3000:]
+    # ... and a second ZeRO-3 run after them finds a world of one again (DeepSpeed's groups made anew).
+    assert runs["full-again"].info.status == "FINISHED"

@@ -73,7 +73,8 @@ def test_runs_record_the_rows_they_used_and_their_machine(tmp_path, tiny_gpt2, t
     # Device-hours (one device per process) and, the profile priced, the run's cost; `compare` shows both.
     m = on.data.metrics
     assert 0 < m["device_hours"] < 1 and m["cost"] == pytest.approx(2.5 * m["device_hours"])
-    assert m["device_hours"] == pytest.approx(m["train_runtime"] / 3600, rel=1e-6)
+    # The wall time around the training loop (train_runtime is the loop's own): the attempt's seconds.
+    assert m["train_runtime"] / 3600 <= m["device_hours"] < (m["train_runtime"] + 30) / 3600
     assert cli.main(["compare", "-f", str(values), "--out", str(tmp_path / "report")]) == 0
     lines = (tmp_path / "report" / "report.md").read_text().splitlines()
     header = next(line for line in lines if "device-hours" in line)

@@ -56,7 +56,7 @@ def measured(tiny_tokenizer_dir, smollm2, tmp_path_factory) -> dict[str, dict[st
     jobs = []
     for name, (model, length, batch) in models.items():
         doc = experiment(model, data, tmp / name, runs=METHODS, formulation={"kind": "classifier"},
-                         training={"max_steps": 3, "per_device_train_batch_size": batch, "eval_strategy": "no",
+                         training={"max_steps": 2, "per_device_train_batch_size": batch, "eval_strategy": "no",
                                    "save_strategy": "no", "logging_steps": 1})
         doc["experiment"]["defaults"]["model"]["max_length"] = length
         doc["experiment"]["defaults"]["tracking"]["system_metrics"] = False
@@ -225,3 +225,17 @@ def test_auto_writes_the_smallest_fitting_profile_as_a_helm_overlay(tmp_path: Pa
 def test_unknown_profile_is_a_clear_error(plan):
     rc, out = plan("-f", "values/mnli.yaml", "--profile", "no-such-gpu")
     assert rc == 2 and "profile 'no-such-gpu' is not defined" in out
+
+
+@pytest.mark.parametrize("name", ["mnli", "squad_v2"])
+def test_remembered_meta_results_leave_every_estimate_as_it_was(name: str, monkeypatch):
+    """The probe remembers operator results by input shapes (plan takes seconds, not tens of seconds); a
+    remembered result must count exactly the memory a computed one does. squad_v2's evaluation has an operator
+    whose outputs share one storage: rebuilt apart, they were counted twice (1 MiB more)."""
+    from lora_exp.config.loading import resolve_runs
+    from lora_exp.runtime import memplan
+
+    runs = resolve_runs(str(ROOT / "values" / f"{name}.yaml"), None, [])
+    remembered = [memplan.estimate(r.spec, "gpu").breakdown for r in runs]
+    monkeypatch.setattr(memplan._MetaResults, "call", lambda self, func, args, kwargs: func(*args, **kwargs))
+    assert [memplan.estimate(r.spec, "gpu").breakdown for r in runs] == remembered

@@ -4,6 +4,7 @@ same command again continues from that checkpoint, in the same MLflow run, to th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,11 @@ def test_sigterm_checkpoints_and_rerun_resumes_in_same_mlflow_run(tmp_path, tiny
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps[0] == 5 and steps[-1] == max_steps  # one loss curve across both processes
     assert any(s <= stopped_at for s in steps) and any(s > stopped_at for s in steps)
+    # Device-hours count both attempts' training time, not only the last one's.
+    (first, second) = json.loads((out / "attempts.json").read_text())["train_seconds"]
+    assert first > 0 and second > 0
+    assert resumed.data.metrics["device_hours"] == pytest.approx((first + second) / 3600, rel=1e-3)
+    assert resumed.data.metrics["device_hours"] > resumed.data.metrics["train_runtime"] / 3600
 
     # A finished run is not trained again.
     proc3 = run_cli("train", "-f", str(values), cwd=tmp_path)

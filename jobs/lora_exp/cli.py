@@ -30,6 +30,7 @@ TOOLS: dict[str, str] = {
     "generate": "lora_exp.pipelines.generate",
     "export": "lora_exp.pipelines.export",
     "plan": "lora_exp.reports.plan",
+    "replay": "lora_exp.reports.replay",
 }
 RESTARTABLE = ("train", "distill", "run", "sweep")
 SPEC_COMMANDS = {
@@ -68,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_job(run: Run, worker: int = 0) -> dict[str, float]:
-    """The pipeline for the run's job."""
+    """The pipeline for the run's job, in a process left as clean for the next run as a fresh one."""
+    from lora_exp.runtime.trainer import fresh_process_state
+
+    with fresh_process_state():
+        return _pipeline(run, worker)
+
+
+def _pipeline(run: Run, worker: int) -> dict[str, float]:
     if run.spec.sweep is not None:
         from lora_exp.pipelines.sweep import sweep
 

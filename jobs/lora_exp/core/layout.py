@@ -9,6 +9,7 @@ and reader (train, eval, distill, export, sanity, resume).
     mlflow_run.json        the MLflow run this directory logs to (resumed runs reattach to it)
     run_key.json           written before the MLflow run is created; the run is tagged with it
     run_spec.json          the spec the run started with (a rerun with another spec is refused)
+    attempts.json          each attempt's training seconds (a resumed run's device-hours count them all)
     tracking/<run id>/     the spool of what the MLflow run receives (lora_exp.runtime.tracking)
 """
 
@@ -26,6 +27,7 @@ FINAL_DIR = "final"
 RUN_ID_FILE = "mlflow_run.json"
 RUN_KEY_FILE = "run_key.json"
 RUN_SPEC_FILE = "run_spec.json"
+ATTEMPTS_FILE = "attempts.json"
 TRACKING_DIR = "tracking"
 SPEC_FILE = "lora_exp_run.yaml"  # the resolved spec, inside every model artifact
 EVAL_DIR = "eval"
@@ -100,6 +102,15 @@ class RunDir:
         dest = self.root.with_name(f"{self.root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(self.root, dest)
         return dest
+
+    def record_attempt(self, seconds: float) -> float:
+        """Add one attempt's training seconds; returns the seconds of every attempt so far (a preempted
+        attempt's time was paid for too, its steps after the last checkpoint included)."""
+        path = self.root / ATTEMPTS_FILE
+        attempts = json.loads(path.read_text())["train_seconds"] if path.is_file() else []
+        attempts.append(round(seconds, 3))
+        write_json(path, {"train_seconds": attempts})
+        return float(sum(attempts))
 
     def started_spec(self) -> dict[str, Any] | None:
         """The spec this directory's run started with (None before it started)."""

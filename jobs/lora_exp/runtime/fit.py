@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -98,8 +99,9 @@ def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
 
 
 def device_cost(runtime_s: float | None, processes: int) -> dict[str, float]:
-    """``device_hours`` of the training (one device per process: a GPU, or a CPU pod) and, where the profile
-    prices them (the chart's ``costPerGpuHour``, env LORA_EXP_COST_PER_GPU_HOUR), its ``cost``."""
+    """``device_hours`` of the training, every attempt of a resumed run included (one device per process: a
+    GPU, or a CPU pod) and, where the profile prices them (the chart's ``costPerGpuHour``, env
+    LORA_EXP_COST_PER_GPU_HOUR), its ``cost``."""
     if not runtime_s:
         return {}
     hours = processes * runtime_s / 3600
@@ -132,14 +134,19 @@ def fit(run: Run, p: Prepared, watch: MemoryWatch | None = None) -> dict[str, fl
         resume = d.latest_checkpoint()
         if resume:
             log.info("resuming from %s", resume)
+        started, trained_s = time.monotonic(), 0.0
         with preemption.deferred():
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            try:
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            finally:
+                if trainer.is_world_process_zero():
+                    trained_s = d.record_attempt(time.monotonic() - started)
         if preemption.requested():
             saved, step = d.latest_checkpoint(), stop.stopped_at or trainer.state.global_step
             raise Preempted(f"run {run.name}: SIGTERM; stopped after step {step}, checkpoint "
                             f"{saved.name if saved else '(none)'} in {d.root}; the next attempt resumes")
         tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history),
-                             **device_cost(result.metrics.get("train_runtime"), trainer.accelerator.num_processes)},
+                             **device_cost(trained_s, trainer.accelerator.num_processes)},
                             step=trainer.state.global_step)
         save_artifact(run, trainer, p.method, tracker)
         metrics = evaluate_splits(trainer, p.form, p.evals_raw, d.eval_dir, tracker)

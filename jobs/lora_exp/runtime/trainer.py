@@ -9,6 +9,7 @@ import os
 import resource
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,45 @@ def single_process_launch() -> None:
     log.info("DeepSpeed without a launcher: running as a single-process world")
 
 
+@contextlib.contextmanager
+def fresh_process_state() -> Iterator[None]:
+    """Leave the process as a fresh one would be for the next run: the environment as it was, and none of the
+    process-wide state a run's Trainer leaves behind.
+
+    Why: accelerate keeps the distributed type and the DeepSpeed plugin in process-wide singletons and sets
+    ``ACCELERATE_USE_DEEPSPEED`` in the environment; transformers keeps the DeepSpeed config in a module
+    global; ``single_process_launch`` writes a launcher's variables. After a ZeRO-3 run, the next run of the
+    same ``lora-exp run`` loaded its model partitioned (zero-sized weights) and trained under DeepSpeed
+    although its spec had no ZeRO (seed 001's glue.yaml: mrpc-full, then sst2-lora).
+    """
+    before = dict(os.environ)
+    reset_peak_rss()  # this run's peak memory is its own, not the largest earlier run's
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+    finally:
+        import gc
+
+        from accelerate.state import AcceleratorState, GradientState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        if "WORLD_SIZE" not in before and torch.distributed.is_initialized():
+            # The world of one this run made, not a launcher's; through DeepSpeed when it made it, which
+            # keeps references to its groups that a later ZeRO run would find stale.
+            ds = sys.modules.get("deepspeed.comm.comm")
+            if ds is not None and ds.cdb is not None and ds.cdb.is_initialized():
+                ds.destroy_process_group()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(before)
+        gc.collect()
+
+
 def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -328,11 +368,9 @@ class MemoryWatch:
 
     def __init__(self) -> None:
         self.base = _status_mb("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.exact = True
-        except OSError:
-            self.exact = False  # the process's lifetime peak: the growth may be overstated
+        if not reset_peak_rss() and self.base is not None:
+            log.info("peak resident set cannot be reset here: peak_memory_growth_mb is measured from the "
+                         "process's lifetime peak (an earlier, larger run in this process would overstate it)")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -342,14 +380,27 @@ class MemoryWatch:
         hwm = _status_mb("VmHWM")
         if self.base is not None and hwm is not None:
             out["peak_memory_growth_mb"] = hwm - self.base
-        if torch.cuda.is_available():
-            out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out.update({k: v for k, v in peak_memory().items() if k == "peak_gpu_memory_mb"})
         return out
 
 
+def reset_peak_rss() -> bool:
+    """Restart the peak resident set (VmHWM) from the current one (Linux); False where it cannot be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory() -> dict[str, float]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_cpu_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    """``peak_cpu_memory_mb``: the peak resident set since this run started (VmHWM, reset at each job's start by
+    :func:`fresh_process_state`; elsewhere the process's lifetime peak, which in ``lora-exp run`` would give
+    every run after the largest that run's figure); ``peak_gpu_memory_mb``: PyTorch's peak allocation."""
+    hwm = _status_mb("VmHWM")
+    rss = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+        2**20 if sys.platform == "darwin" else 2**10)
+    out = {"peak_cpu_memory_mb": rss}
     if torch.cuda.is_available():
         out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
