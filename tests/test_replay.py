@@ -106,6 +106,12 @@ def test_a_promised_column_left_empty_is_missing(tmp_path, monkeypatch):
     assert check(Promise("table", "t.csv", ("size_mb",)), tmp_path, "")["problem"] == ""
     assert "*_bleu" in check(Promise("table", "t.csv", ("size_mb", "*_bleu")), tmp_path, "")["problem"]
     assert check(Promise("two", "t*.csv", count=2), tmp_path, "")["problem"] == "missing (1 of 2 files)"
+    # The generation check wants text after the prompt, not the header line that names the prompt.
+    gen = Promise("generation", "g.txt", pattern=replay.GENERATED)
+    (tmp_path / "g.txt").write_text(f"--- prompt: {replay.GENERATION_PROMPT!r}\n{replay.GENERATION_PROMPT}\n\n")
+    assert check(gen, tmp_path, "")["problem"]
+    (tmp_path / "g.txt").write_text(f"--- prompt: {replay.GENERATION_PROMPT!r}\n{replay.GENERATION_PROMPT} kalo mi\n")
+    assert check(gen, tmp_path, "")["problem"] == ""
     gpu = Promise("table", "t.csv", ("size_mb",), gpu_keys=("peak_gpu_memory_mb",))
     monkeypatch.setattr(replay, "_cuda", lambda: False)
     assert check(gpu, tmp_path, "")["problem"] == ""

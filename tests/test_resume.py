@@ -75,9 +75,10 @@ def test_sigterm_checkpoints_and_rerun_resumes_in_same_mlflow_run(tmp_path, tiny
     assert steps[0] == 5 and steps[-1] == max_steps  # one loss curve across both processes
     assert any(s <= stopped_at for s in steps) and any(s > stopped_at for s in steps)
     # Device-hours count both attempts' training time, not only the last one's.
-    (first, second) = json.loads((out / "attempts.json").read_text())["train_seconds"]
-    assert first > 0 and second > 0
-    assert resumed.data.metrics["device_hours"] == pytest.approx((first + second) / 3600, rel=1e-3)
+    (first, second) = json.loads((out / "attempts.json").read_text())["attempts"]
+    assert first["train_seconds"] > 0 and second["train_seconds"] > 0 and first["processes"] == 1
+    total = first["train_seconds"] + second["train_seconds"]
+    assert resumed.data.metrics["device_hours"] == pytest.approx(total / 3600, rel=1e-3)
     assert resumed.data.metrics["device_hours"] > resumed.data.metrics["train_runtime"] / 3600
 
     # A finished run is not trained again.

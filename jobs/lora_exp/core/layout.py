@@ -9,7 +9,7 @@ and reader (train, eval, distill, export, sanity, resume).
     mlflow_run.json        the MLflow run this directory logs to (resumed runs reattach to it)
     run_key.json           written before the MLflow run is created; the run is tagged with it
     run_spec.json          the spec the run started with (a rerun with another spec is refused)
-    attempts.json          each attempt's training seconds (a resumed run's device-hours count them all)
+    attempts.json          each attempt's training seconds and processes (device-hours count them all)
     tracking/<run id>/     the spool of what the MLflow run receives (lora_exp.runtime.tracking)
 """
 
@@ -103,14 +103,15 @@ class RunDir:
         os.replace(self.root, dest)
         return dest
 
-    def record_attempt(self, seconds: float) -> float:
-        """Add one attempt's training seconds; returns the seconds of every attempt so far (a preempted
-        attempt's time was paid for too, its steps after the last checkpoint included)."""
+    def record_attempt(self, seconds: float, processes: int) -> float:
+        """Add one attempt's training time; returns the device-seconds of every attempt so far (a preempted
+        attempt's time was paid for too, its steps after the last checkpoint included; an attempt may have
+        run on another number of devices)."""
         path = self.root / ATTEMPTS_FILE
-        attempts = json.loads(path.read_text())["train_seconds"] if path.is_file() else []
-        attempts.append(round(seconds, 3))
-        write_json(path, {"train_seconds": attempts})
-        return float(sum(attempts))
+        attempts = json.loads(path.read_text())["attempts"] if path.is_file() else []
+        attempts.append({"train_seconds": round(seconds, 3), "processes": processes})
+        write_json(path, {"attempts": attempts})
+        return float(sum(a["train_seconds"] * a["processes"] for a in attempts))
 
     def started_spec(self) -> dict[str, Any] | None:
         """The spec this directory's run started with (None before it started)."""

@@ -29,6 +29,7 @@ from lora_exp.core.layout import RunDir, write_json
 from lora_exp.runtime.fit import train_run
 from lora_exp.runtime.prepare import prepare
 from lora_exp.runtime.tracking import ensure_run, mlflow_run
+from lora_exp.runtime.trainer import fresh_process_state
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"
@@ -139,7 +140,8 @@ def sweep(run: Run, worker_index: int = 0) -> dict[str, float]:
         log.info("sweep %s: trial %d of %d: %s", run.name, number, s.trials,
                  ", ".join(f"{k}={v}" for k, v in values.items()))
         try:
-            metrics = train_run(trial, prepare)
+            with fresh_process_state():  # a ZeRO-3 trial must not leave DeepSpeed state to the next trial
+                metrics = train_run(trial, prepare)
         except (Preempted, UserError):
             raise  # preempted: resumed by the next attempt; a user error fails every trial alike
         except Exception:

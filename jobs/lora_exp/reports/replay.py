@@ -11,11 +11,14 @@ a derived values file beside the results (``<out>/<seed>/<values>.yaml``) and li
   split names (MNLI's validation_matched/validation_mismatched, SQuAD v2's empty answer lists, ...);
 - **step cap**: ``training.max_steps`` (and ``logging_steps`` no larger, so each run logs a loss curve).
 
-Outputs go to ``<out>/<seed>/outputs`` and the runs to an MLflow store ``<out>/mlflow.db``: environment, not
-experiment. Every command runs in its own process (``python -m lora_exp ...``), as a Job's would, and its log
-is kept (``<out>/<seed>/logs``). The shapes: ``--shape full`` everywhere (a GPU machine); ``auto`` (the
-default) uses the real shape for models up to ``--cpu-max-params`` and ``small`` above; ``tiny`` everywhere
-(CI). A promised output that is missing fails the replay with a line naming the seed and the file (exit 1).
+Outputs go to ``<out>/<seed>/outputs`` and the runs to an MLflow store ``<out>/<seed>/mlflow.db``:
+environment, not experiment. A replay of a seed starts from an empty ``<out>/<seed>``; the replicas in
+``<out>/models`` are reused while the same. Every command runs in its own process (``python -m lora_exp
+...``, in the seed's directory), as a Job's would, and its log is kept (``<out>/<seed>/logs``).
+
+The shapes: ``--shape full`` everywhere (a GPU machine); ``auto`` (the default) uses the real shape for
+models up to ``--cpu-max-params`` and ``small`` above; ``tiny`` everywhere (CI). A promised output that is
+missing fails the replay with a line naming the seed and the file (exit 1).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -88,7 +92,8 @@ def _report(*keys: str, gpu_keys: tuple[str, ...] = ()) -> tuple[Promise, ...]:
 
 
 GENERATION_PROMPT = "The film was"
-GENERATED = re.escape(GENERATION_PROMPT) + r"[ \t]*\S"  # generate prints prompt + continuation on one line
+# generate prints a header naming the prompt, then the prompt and its continuation on a line of their own
+GENERATED = r"(?m)^" + re.escape(GENERATION_PROMPT) + r"[ \t]*\S"
 SANITY_CHECKS = ("model_loads", "trainable", "data", "gradient_flow", "overfit", "mlflow", "reproducible")
 SEEDS: tuple[Seed, ...] = (
     Seed("000", "GPT-2 large LoRA on MultiNLI, baseline vs fine-tuned", ("mnli.yaml",), (
@@ -228,6 +233,10 @@ def replay_seed(seed: Seed, values_dir: Path, out: Path, args: argparse.Namespac
     log.info("seed %s: %s", seed.id, seed.title)
     docs = {v: yaml.safe_load((values_dir / v).read_text()) for v in seed.values}
     if not args.check_only:
+        # A replay starts from nothing: a finished run from an earlier replay would otherwise be taken as done,
+        # and one with other --steps or --shape refused as a changed spec.
+        shutil.rmtree(seed_dir)
+        (seed_dir / "logs").mkdir(parents=True)
         run_seed(seed, docs, values_dir, out, args, res)
     exps = {v: d["experiment"]["name"] for v, d in docs.items()}
     res.outputs = [check(p, seed_dir, exp) for p in seed.promises for exp in _experiments_of(p, exps)]
@@ -259,11 +268,14 @@ def run_seed(seed: Seed, docs: dict[str, Any], values_dir: Path, out: Path, args
     local: dict[str, str] = {}
     for name in sorted(models):
         shape, params, why = shape_for(name, args)
-        slug = replicas.canonical(name).replace("/", "--")
-        local[name] = str(replicas.write_model(name, out / "models" / f"{slug}-{shape}", shape, corpus))
+        # One replica per model, shape and corpus: seeds whose data differ train tokenizers of their own, and an
+        # earlier seed's adapters keep the base model they were trained on.
+        slug = f"{replicas.canonical(name).replace('/', '--')}-{shape}-{replicas.corpus_digest(corpus)[:8]}"
+        local[name] = str(replicas.write_model(name, out / "models" / slug, shape, corpus))
         res.shapes[name] = f"{shape} ({params / 1e6:,.1f}M parameters): {why}"
         log.info("seed %s: %s as %s", seed.id, name, res.shapes[name])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    # A store per seed, in the seed's directory (artifacts too: ./mlartifacts of the commands' working directory).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{seed_dir / 'mlflow.db'}"}
     sets = [f"output_root={seed_dir / 'outputs'}", f"training.max_steps={args.steps}"]
     for v, doc in docs.items():
         derived = seed_dir / v
@@ -302,7 +314,7 @@ def _command(res: SeedResult, seed_dir: Path, name: str, argv: list[str], env: d
     log.info("seed %s: lora-exp %s (log: %s)", res.seed.id, " ".join(argv[:3]), logfile)
     start = time.monotonic()
     with logfile.open("w") as fh:
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=seed_dir)
     seconds = time.monotonic() - start
     log.info("seed %s: %s exited %d after %.0f s", res.seed.id, name, code, seconds)
     res.commands.append({"command": "lora-exp " + " ".join(argv), "exit": code, "accept": list(accept),

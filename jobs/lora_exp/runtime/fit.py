@@ -98,13 +98,14 @@ def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
     return plan.metrics()
 
 
-def device_cost(runtime_s: float | None, processes: int) -> dict[str, float]:
-    """``device_hours`` of the training, every attempt of a resumed run included (one device per process: a
-    GPU, or a CPU pod) and, where the profile prices them (the chart's ``costPerGpuHour``, env
-    LORA_EXP_COST_PER_GPU_HOUR), its ``cost``."""
-    if not runtime_s:
+def device_cost(device_s: float | None) -> dict[str, float]:
+    """``device_hours`` of the training, every attempt of a resumed run included, each at its own number of
+    processes (one device per process: a GPU, or a CPU pod) and, where the profile prices them (the chart's
+    ``costPerGpuHour``, env LORA_EXP_COST_PER_GPU_HOUR), its ``cost``. An attempt killed outright (SIGKILL,
+    the node lost) never records itself: its time is missing."""
+    if not device_s:
         return {}
-    hours = processes * runtime_s / 3600
+    hours = device_s / 3600
     out = {"device_hours": hours}
     price = os.environ.get(COST_ENV, "")
     try:
@@ -134,19 +135,19 @@ def fit(run: Run, p: Prepared, watch: MemoryWatch | None = None) -> dict[str, fl
         resume = d.latest_checkpoint()
         if resume:
             log.info("resuming from %s", resume)
-        started, trained_s = time.monotonic(), 0.0
+        started, device_s = time.monotonic(), 0.0
         with preemption.deferred():
             try:
                 result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             finally:
                 if trainer.is_world_process_zero():
-                    trained_s = d.record_attempt(time.monotonic() - started)
+                    device_s = d.record_attempt(time.monotonic() - started, trainer.accelerator.num_processes)
         if preemption.requested():
             saved, step = d.latest_checkpoint(), stop.stopped_at or trainer.state.global_step
             raise Preempted(f"run {run.name}: SIGTERM; stopped after step {step}, checkpoint "
                             f"{saved.name if saved else '(none)'} in {d.root}; the next attempt resumes")
         tracker.log_metrics({**result.metrics, **peak_memory(), **best_losses(trainer.state.log_history),
-                             **device_cost(trained_s, trainer.accelerator.num_processes)},
+                             **device_cost(device_s)},
                             step=trainer.state.global_step)
         save_artifact(run, trainer, p.method, tracker)
         metrics = evaluate_splits(trainer, p.form, p.evals_raw, d.eval_dir, tracker)

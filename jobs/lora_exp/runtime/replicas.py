@@ -81,6 +81,10 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
 
 
+def corpus_digest(corpus: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(corpus).encode()).hexdigest()
+
+
 def write_model(name: str, out: Path, shape: str, corpus: Iterable[str], seed: int = 0) -> Path:
     """A model directory for ``name`` at ``shape``: config, a tokenizer trained on ``corpus``, random weights.
 
@@ -91,7 +95,7 @@ def write_model(name: str, out: Path, shape: str, corpus: Iterable[str], seed: i
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     corpus = list(corpus)
-    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
+    digest = corpus_digest(corpus)[:16]
     made_from = {"name": canonical(name), "shape": shape, "seed": seed, "recipe": RECIPE,
                  "tokenizer_vocab": TOKENIZER_VOCAB, "corpus_sha256": digest}
     if (out / MARKER).is_file() and made_from.items() <= json.loads((out / MARKER).read_text()).items():

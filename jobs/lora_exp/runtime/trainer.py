@@ -264,31 +264,54 @@ def fresh_process_state() -> Iterator[None]:
     although its spec had no ZeRO (seed 001's glue.yaml: mrpc-full, then sst2-lora).
     """
     before = dict(os.environ)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     reset_peak_rss()  # this run's peak memory is its own, not the largest earlier run's
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
         yield
     finally:
-        import gc
+        # Each step alone, and none may replace the run's own exception (its exit code drives the chart).
+        for step in (lambda: _restore_environment(before), _forget_deepspeed_state,
+                     lambda: _destroy_own_world(before, had_group)):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - cleaning up after a run must not fail it
+                log.warning("releasing the run's process state: %s", e)
 
-        from accelerate.state import AcceleratorState, GradientState
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        unset_hf_deepspeed_config()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        if "WORLD_SIZE" not in before and torch.distributed.is_initialized():
-            # The world of one this run made, not a launcher's; through DeepSpeed when it made it, which
-            # keeps references to its groups that a later ZeRO run would find stale.
-            ds = sys.modules.get("deepspeed.comm.comm")
-            if ds is not None and ds.cdb is not None and ds.cdb.is_initialized():
-                ds.destroy_process_group()
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(before)
-        gc.collect()
+def _restore_environment(before: dict[str, str]) -> None:
+    """Only the variables the run changed: the others are never unset, even for a moment (threads of a
+    launcher's process group may be reading the environment)."""
+    for key in [k for k in os.environ if k not in before]:
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _forget_deepspeed_state() -> None:
+    import gc
+
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gc.collect()
+
+
+def _destroy_own_world(before: dict[str, str], had_group: bool) -> None:
+    """The world of one a run made (``single_process_launch``), not a launcher's or the caller's; through
+    DeepSpeed when it made it, which keeps references to its groups that a later ZeRO run would find stale."""
+    if had_group or "WORLD_SIZE" in before or not torch.distributed.is_initialized():
+        return
+    ds = sys.modules.get("deepspeed.comm.comm")
+    if ds is not None and ds.cdb is not None and ds.cdb.is_initialized():
+        ds.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
