@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_exp.core import allocator, tags
 from support import (
     ROOT,
     SMOLLM2_DIR,
@@ -30,18 +31,17 @@ METHODS = {
     "head_only": {"method": {"name": "head_only"}},
     "full": {"method": {"name": "full"}},
 }
-# The issue's bound is 20% on CPU. SmolLM2's runs meet it (worst 14%). The tiny models' do not reliably: their
-# resident set ranges from 1.05x to 1.65x the live tensor peak with glibc's allocator (docs/planning.md), and a
-# measured 22% and 19% sit at the edge, so they are held to 25% rather than to a bound they would flake on.
-TOLERANCE = {"smollm2": 0.20, "tiny-gpt2": 0.25, "tiny-llama": 0.25}
+# The issue's bound on CPU, for every run on tcmalloc (what CPU jobs run on where it is installed; `make test`
+# installs it). On glibc's malloc the tiny models' resident set varies between repetitions of the same run by
+# more than that (1.1-2.0x the live bytes, docs/planning.md): there only SmolLM2's runs are held to it.
+TOLERANCE = 0.20
 
 
-@pytest.fixture(scope="module")
-def measured(tiny_tokenizer_dir, smollm2, tmp_path_factory) -> dict[str, dict[str, float]]:
+def measure(tiny_tokenizer_dir: Path, smollm2: Path, tmp: Path, gpu: bool) -> dict[str, dict[str, float]]:
     """Every method on three models, each run in a process of its own (the resident set of a process that ran
-    something before holds freed memory the next run reuses): the estimate each run logged, and the growth
-    of its resident set from before its model loaded to the end of its final evaluation."""
-    tmp = tmp_path_factory.mktemp("memplan")
+    something before holds freed memory the next run reuses): the estimate each run logged, and what it
+    measured (CPU: the growth of its resident set from before its model loaded to the end of its final
+    evaluation; GPU: PyTorch's peak allocation), and the allocator it ran on."""
     # Wide enough that the model's own memory, not the interpreter's, is what is measured.
     models = {
         "tiny-gpt2": (save_tiny_model("gpt2", tiny_tokenizer_dir, tmp / "gpt2", width=256, layers=4, positions=256),
@@ -50,14 +50,20 @@ def measured(tiny_tokenizer_dir, smollm2, tmp_path_factory) -> dict[str, dict[st
                                        positions=256), 256, 16),
         "smollm2": (smollm2, 96, 8),
     }
-    rows = [{"text": (r["text"] + " ") * 30, "label": r["label"]} for r in toy_rows(48)]  # all reach max_length
+    rows = [{"text": (r["text"] + " ") * 40, "label": r["label"]} for r in toy_rows(48)]
+    from transformers import AutoTokenizer
+
+    for name, (model, length, _) in models.items():  # the plan counts max_length tokens a row: so must the runs
+        tok = AutoTokenizer.from_pretrained(model)
+        assert min(len(tok(r["text"])["input_ids"]) for r in rows) >= length, name
     data = {"train": str(write_jsonl(tmp / "train.jsonl", rows)),
             "validation": str(write_jsonl(tmp / "validation.jsonl", rows[:16]))}
     jobs = []
     for name, (model, length, batch) in models.items():
+        # CPU: fp32 (as every CPU test); GPU: the precision users get (auto: bf16 autocast where supported).
         doc = experiment(model, data, tmp / name, runs=METHODS, formulation={"kind": "classifier"},
                          training={"max_steps": 2, "per_device_train_batch_size": batch, "eval_strategy": "no",
-                                   "save_strategy": "no", "logging_steps": 1})
+                                   "save_strategy": "no", "logging_steps": 1, **({"precision": "auto"} if gpu else {})})
         doc["experiment"]["defaults"]["model"]["max_length"] = length
         doc["experiment"]["defaults"]["tracking"]["system_metrics"] = False
         values = write_values(tmp, doc, f"{name}.yaml")
@@ -65,28 +71,57 @@ def measured(tiny_tokenizer_dir, smollm2, tmp_path_factory) -> dict[str, dict[st
 
     def one(job: tuple[str, str, Path]) -> tuple[str, str, Path]:
         name, method, values = job
-        proc = run_cli("train", "-f", str(values), "--run", method)
+        proc = run_cli("train", "-f", str(values), "--run", method, env={"LD_PRELOAD": ""})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return job
 
     out: dict[str, dict[str, float]] = {}
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two processes at a time: one per core
+    # CPU: two processes at a time, one per core; GPU: one, alone on the device.
+    with concurrent.futures.ThreadPoolExecutor(1 if gpu else 2) as pool:
         for name, method, _ in pool.map(one, jobs):
             client = mlflow_client(tmp / name)
             (run,) = [r for r in client.search_runs([client.get_experiment_by_name("toy").experiment_id])
                       if r.info.run_name == method]
-            out[f"{name}/{method}"] = run.data.metrics
+            out[f"{name}/{method}"] = {**run.data.metrics, "allocator": run.data.tags[tags.ALLOCATOR]}
     return out
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_tokenizer_dir, smollm2, tmp_path_factory) -> dict[str, dict[str, float]]:
+    return measure(tiny_tokenizer_dir, smollm2, tmp_path_factory.mktemp("memplan"), gpu=False)
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama", "smollm2"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_estimate_is_close_to_the_measured_peak_on_cpu(measured, model: str, method: str):
+def test_estimate_is_close_to_the_measured_peak_on_cpu(measured, model: str, method: str, monkeypatch):
     m = measured[f"{model}/{method}"]
+    # Each run restarted itself on the allocator a job here gets (tcmalloc where installed).
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert m["allocator"] == allocator.wanted()
+    if m["allocator"] != allocator.TCMALLOC and model != "smollm2":
+        pytest.skip("glibc malloc: the tiny models' resident set varies by more than 20% between repetitions "
+                    "(apt-get install libtcmalloc-minimal4)")
     estimate, actual = m["plan_peak_memory_mb"], m["peak_memory_growth_mb"]
     parts = {k.removeprefix("plan_").removesuffix("_mb"): round(v) for k, v in m.items() if k.startswith("plan_")}
-    assert abs(estimate - actual) <= TOLERANCE[model] * actual, (
+    assert abs(estimate - actual) <= TOLERANCE * actual, (
         f"{model} {method}: estimated {estimate:.0f} MiB, measured {actual:.0f} MiB ({parts})")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_estimate_is_close_to_the_measured_peak_on_gpu(tiny_tokenizer_dir, smollm2, tmp_path: Path):
+    """The issue's GPU bound, 15%, where a GPU is available: PyTorch's peak allocation against the estimate
+    without the fixed CUDA context (which max_memory_allocated does not see). Every run is checked before any
+    assertion, so one failure shows all twelve figures."""
+    measured = measure(tiny_tokenizer_dir, smollm2, tmp_path, gpu=True)
+    lines, bad = [], []
+    for key, m in measured.items():
+        estimate, actual = m["plan_peak_memory_mb"] - m["plan_runtime_mb"], m["peak_gpu_memory_mb"]
+        error = (estimate - actual) / actual
+        lines.append(f"{key}: estimated {estimate:.0f} MiB, measured {actual:.0f} MiB ({error:+.0%})")
+        if abs(error) > 0.15:
+            bad.append(key)
+    print("\n".join(lines))  # pytest -s: the figures for docs/planning.md
+    assert not bad, "\n".join(lines)
 
 
 def test_the_estimate_follows_the_method(measured):

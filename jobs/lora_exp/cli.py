@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from lora_exp.config.jsonschema import json_schema
 from lora_exp.config.loading import Run, add_spec_arguments, resolve_runs
-from lora_exp.core import errors, preemption, tags
+from lora_exp.core import allocator, errors, preemption, tags
 from lora_exp.core.logs import setup_logging, write_termination_message
 from lora_exp.core.tables import text_table
 
@@ -175,11 +175,21 @@ def restart(runs: list[Run], command: str) -> None:
             log.info("run %s: --restart: %s moved to %s", run.name, run.dir.root, run.dir.archive())
 
 
+# Commands that only read specs: not worth starting the interpreter again for the allocator.
+SPEC_ONLY = ("schema", "validate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program (``argv`` None: ``sys.argv``, and a CPU job restarts itself on tcmalloc first, see
+    lora_exp.core.allocator) or a command run inside another program (``argv`` given: this process as it is)."""
     args = build_parser().parse_args(argv)
     setup_logging()
     preemption.install()
     try:
+        if args.command in SPEC_ONLY:
+            allocator.wanted()  # LORA_EXP_ALLOCATOR checked here too (the chart's validate step runs this)
+        elif argv is None:
+            allocator.reexec()
         if args.command == "schema":
             json.dump(json_schema(), sys.stdout, indent=2)
             print()

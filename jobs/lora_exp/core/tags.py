@@ -18,6 +18,7 @@ EXPERIMENT = "lora_exp.experiment"
 RELEASE = "lora_exp.release"  # the Helm release, set by the chart
 GROUP = "lora_exp.group"  # the run key of which a run is one repeat (repeats/seeds): reports aggregate the group
 SEED = "lora_exp.seed"
+ALLOCATOR = "lora_exp.cpu_allocator"  # the job process's C allocator (lora_exp.core.allocator): tcmalloc or system
 SWEEP_OF = "lora_exp.sweep"  # the sweep (run key) a trial belongs to
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under their parent
 RUN_UID = "lora_exp.run_uid"  # the key in the run's directory: reattaches an attempt killed before recording the id

@@ -26,7 +26,7 @@ import yaml
 
 from lora_exp.config.loading import add_spec_arguments, resolve_runs
 from lora_exp.config.profiles import AUTO, HardwareProfile, Profiles, load_profiles
-from lora_exp.core import errors, tags
+from lora_exp.core import allocator, errors, tags
 from lora_exp.core.tables import text_table
 
 if TYPE_CHECKING:
@@ -69,7 +69,8 @@ class Planner:
         key = json.dumps([run.spec.model_dump(mode="json"), profile.device, profile.world_size], sort_keys=True)
         if key not in self._cache:
             self._cache[key] = estimate(run.spec, profile.device, gpus=profile.world_size,
-                                        train=run.spec.job in tags.TRAINING_JOBS and run.spec.job != tags.DISTILL)
+                                        train=run.spec.job in tags.TRAINING_JOBS and run.spec.job != tags.DISTILL,
+                                        allocator=allocator.of_cpu_jobs())
         return self._cache[key]
 
     def fits(self, plan: MemoryPlan, profile: HardwareProfile, margin: float) -> bool | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from lora_exp.config.loading import Run
 from lora_exp.config.schema import redact_uri
-from lora_exp.core import preemption
+from lora_exp.core import allocator, preemption
 from lora_exp.core.errors import Preempted
 from lora_exp.core.layout import SPEC_FILE, RunDir, write_json
 from lora_exp.core.tags import TRAIN
@@ -93,6 +93,8 @@ def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
     except Exception as e:  # noqa: BLE001 - the estimate is a record, the run goes on
         log.warning("memory plan: no estimate (%s)", e)
         return {}
+    if plan.device == "cpu":
+        log.info("%s", allocator.describe())
     log.info("memory plan: peak %.0f MiB per device (%s)", plan.peak_mb,
              ", ".join(f"{k} {v:.0f}" for k, v in plan.breakdown.items()))
     return plan.metrics()

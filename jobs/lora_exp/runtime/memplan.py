@@ -17,8 +17,8 @@ What no library gives, and is written here, is the rest of the arithmetic:
 * GPU mixed precision: activations in 16 bits (the step runs in the autocast dtype), frozen matmul weights
   stored in bf16 as the trainer stores them (``precast_frozen_weights``); a fixed CUDA context;
 * CPU: the checkpoint stays memory-mapped after loading, so where a method converts the weights (QLoRA)
-  the mapped pages count besides the converted copies; and the resident set runs above the live bytes
-  (:data:`CPU_ALLOCATOR_FACTOR`, measured).
+  the mapped pages count besides the converted copies; and the resident set follows the live bytes as the
+  process's C allocator keeps them (:data:`CPU_RESIDENT_FACTOR`, measured; lora_exp.core.allocator).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lora_exp.core.allocator import SYSTEM, TCMALLOC, in_use
 from lora_exp.formulations import formulation_type
 from lora_exp.methods import get_method
 from lora_exp.runtime.architectures import model_config
@@ -41,15 +42,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MB = 2**20
-# The resident set of a CPU training process peaks above its live tensor bytes: glibc's malloc keeps freed
-# blocks for reuse once its dynamic mmap threshold has risen past the activations' sizes, and CPU kernels
-# allocate scratch the meta device never shows. Measured over the 12 runs of tests/test_memplan.py (three
-# models x four methods): 1.05-1.65x the live peak; 1.3 keeps the worst of them closest (docs/planning.md).
-CPU_ALLOCATOR_FACTOR = 1.3
+# A CPU training process's resident set over its live tensor bytes, by the process's C allocator (measured
+# over the 12 runs of tests/test_memplan.py, three models x four methods; docs/planning.md). tcmalloc reuses
+# freed spans: the resident set is the live bytes (0.9-1.04x, repeatable to a few MiB). glibc's heap grows
+# past blocks it cannot reuse: 1.1-2.0x, varying between repetitions of the same run; 1.3 is its middle.
+CPU_RESIDENT_FACTOR = {TCMALLOC: 1.0, SYSTEM: 1.3}
 MASTER_BYTES = 4  # DeepSpeed's fp32 master copy of 16-bit trainable weights
 # Fixed costs of a training process beyond its tensors (autograd and oneDNN workspaces, the data loader,
-# the tracker's spool), measured as the growth of a run of a model with next to no parameters.
-CPU_RUNTIME_MB = 60.0
+# the tracker's spool, library pages first touched), measured as the growth of a run of a model with next to
+# no parameters at one row of 8 tokens: 120-129 MiB with either allocator.
+CPU_RUNTIME_MB = 125.0
 GPU_RUNTIME_MB = 400.0  # the CUDA context and cuBLAS/cuDNN workspaces, outside max_memory_allocated
 
 
@@ -381,9 +383,12 @@ def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -
                          peaks.optimizer_step + grads + moments, peaks.kept + moments)
 
 
-def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = None, train: bool = True) -> MemoryPlan:
+def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = None, train: bool = True,
+             allocator: str | None = None) -> MemoryPlan:
     """The run's peak memory per device (``device``: "cpu" or "gpu"; ``gpus``: the GPUs sharing ZeRO state).
     ``train=False``: evaluation only (an eval job; a distillation's teacher pass), the base model as it loads.
+    ``allocator`` (CPU): ``tcmalloc`` or ``system``; by default this process's (a run estimating itself);
+    ``lora-exp plan`` passes what the CPU job image runs on.
 
     Leaves every random number generator as it found it: a train run estimates itself between seeding and
     training, and initialising the meta model draws from them, which would change the run's results."""
@@ -395,13 +400,13 @@ def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = No
     states = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
-            return _estimate(spec, device, gpus, config, train)
+            return _estimate(spec, device, gpus, config, train, allocator or in_use())
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
 
 
-def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool) -> MemoryPlan:
+def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, allocator: str) -> MemoryPlan:
     import copy
 
     import torch
@@ -459,9 +464,12 @@ def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool) -
             weights = float(sum(p.numel() for p in model.parameters())) * 2
         if t.zero_stage == 3:
             weights = 0.0 if t.zero_offload else weights / shards
-    if device == "cpu":  # the resident set holds freed blocks besides the live ones
-        train_peak *= CPU_ALLOCATOR_FACTOR
-        ev *= CPU_ALLOCATOR_FACTOR
+    if device == "cpu":  # the resident set as the allocator keeps the live bytes
+        factor = CPU_RESIDENT_FACTOR[allocator]
+        train_peak *= factor
+        ev *= factor
+        notes.append(f"CPU allocator {'tcmalloc' if allocator == TCMALLOC else 'glibc malloc'}: resident set "
+                     f"{factor:g}x the live bytes" + ("" if allocator == TCMALLOC else " (varies ±30%)"))
     runtime = (CPU_RUNTIME_MB if device == "cpu" else GPU_RUNTIME_MB) * MB
     # In-training evaluation runs while the optimizer state is alive.
     peak = weights + mapped + master + max(train_peak, ev + kept) + runtime

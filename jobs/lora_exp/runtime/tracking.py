@@ -35,7 +35,7 @@ from typing import Any
 
 from lora_exp.config.loading import Run, flatten
 from lora_exp.config.schema import redact_uri
-from lora_exp.core import tags
+from lora_exp.core import allocator, tags
 from lora_exp.core.errors import Preempted, TrackerUnavailable
 from lora_exp.core.layout import RunDir
 from lora_exp.runtime.artifacts import write_spec
@@ -104,6 +104,7 @@ def run_tags(run: Run, job: str) -> dict[str, str]:
         tags.EXPERIMENT: run.experiment,
         tags.RELEASE: os.environ.get("LORA_EXP_RELEASE", ""),  # the Helm release, set by the chart
         tags.SEED: str(s.training.seed),
+        tags.ALLOCATOR: allocator.in_use(),
         **({tags.GROUP: run.group} if run.group else {}),
         **({tags.SWEEP_OF: run.sweep, tags.PARENT_RUN_ID: run.parent_run_id} if run.parent_run_id and run.sweep
            else {}),
