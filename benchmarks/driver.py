@@ -37,6 +37,9 @@ def main() -> None:
         import reference as side  # type: ignore[no-redef]
     result = side.run(w, files)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from lora_exp.core.allocator import in_use
+
+    result["allocator"] = in_use()
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print("BENCH " + json.dumps(result), flush=True)

@@ -26,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lora_exp.core import allocator
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -98,6 +100,8 @@ def measure(side: str, w: Workload, data: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "driver.py"), "--side", side, "--workload", json.dumps(w.as_dict()),
            "--data", str(data)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "jobs"), os.environ.get("PYTHONPATH", "")])}
+    if side == "ours" and allocator.wanted() == allocator.TCMALLOC:  # as lora-exp's CPU jobs run (its CLI restarts
+        env = allocator.preloading(env)  # itself on it); the reference, a plain script, runs on the system's
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode or line is None:
@@ -213,11 +217,16 @@ def main() -> None:
           "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".", "",
           f"Each figure is the median of {args.reps} fresh-process runs per side, the sides interleaved. The "
           "reference is `benchmarks/reference.py` (dynamic padding, the Trainer's defaults); both sides train "
-          "the same model, data, adapter, batch size, steps and seed (`benchmarks/workloads.py`).", ""]
+          "the same model, data, adapter, batch size, steps and seed (`benchmarks/workloads.py`). lora-exp's "
+          "side runs on the C allocator its CPU jobs run on (tcmalloc where installed; docs/planning.md), the "
+          "reference, a plain script, on the system's.", ""]
     for res in results:
         w = res["workload"]
+        used = {side: "/".join(sorted({r.get("allocator", "?") for r in res["raw"][side]}))
+                for side in ("ours", "reference")}
         md += [table(f"{res['model']}: {w['name']} (batch {w['batch_size']}, {w['steps']} steps, "
-                     f"max length {w['max_length']})", res["ours"], res["reference"]), ""]
+                     f"max length {w['max_length']})", res["ours"], res["reference"]),
+               f"\nAllocator: lora-exp {used['ours']}, reference {used['reference']}.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(md))
     args.out.with_suffix(".json").write_text(json.dumps({"machine": info, "command": command, "started": started,

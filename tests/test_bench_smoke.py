@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lora_exp.core import allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,5 +27,8 @@ def test_benchmark_harness_smoke(smollm2, tmp_path):
             assert r[side]["train_samples_per_s"] > 0 and r[side]["eval_samples_per_s"] > 0, (r["workload"], side)
         if r["workload"]["formulation"] != "causal_lm":  # both sides score the same rows
             assert 0.0 <= r["ours"]["accuracy"] <= 1.0 and 0.0 <= r["reference"]["accuracy"] <= 1.0
+        # Each side on the allocator it would have: lora-exp's as its CPU jobs (tcmalloc where installed).
+        assert {x["allocator"] for x in r["raw"]["ours"]} == {allocator.wanted()}
+        assert {x["allocator"] for x in r["raw"]["reference"]} == {allocator.SYSTEM}
     text = out.read_text()
     assert "python benchmarks/harness.py --smoke" in text and "lora-exp / reference" in text

@@ -27,6 +27,7 @@ import glob
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from lora_exp.core.errors import UserError
@@ -104,6 +105,17 @@ def is_program() -> bool:
     return len(argv) > 1 and Path(argv[1]).name == "lora-exp"
 
 
+def preloading(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a process to start on tcmalloc: its library first in LD_PRELOAD, its large-allocation
+    reports quiet (unless set). Also for a process lora-exp starts that is not its CLI (the benchmark's side)."""
+    lib = library()
+    if lib is None:
+        raise UserError("tcmalloc is not installed: apt-get install libtcmalloc-minimal4")
+    out = {**env, "LD_PRELOAD": f"{lib} {env.get('LD_PRELOAD', '')}".strip()}
+    out.setdefault(*QUIET)
+    return out
+
+
 def reexec() -> None:
     """Start this program again with tcmalloc preloaded when :func:`wanted` says so and it is not loaded yet;
     returns where nothing needs doing (or the restart cannot be made: then glibc, and the log says why)."""
@@ -116,11 +128,7 @@ def reexec() -> None:
         return
     if not is_program() or wanted() != TCMALLOC or in_use() == TCMALLOC:
         return
-    lib = library()
-    assert lib is not None  # wanted() said tcmalloc
-    before = os.environ.get("LD_PRELOAD", "")
-    env = {**os.environ, "LD_PRELOAD": f"{lib} {before}".strip(), _RESTARTED: before}
-    env.setdefault(*QUIET)
+    env = {**preloading(os.environ), _RESTARTED: os.environ.get("LD_PRELOAD", "")}
     # sys.orig_argv keeps the interpreter's own options (-X, -W) and how it was started (-m or the script);
     # argv[0] is the interpreter's path, from which Python finds its prefix (the venv).
     args = [sys.executable, *sys.orig_argv[1:]]

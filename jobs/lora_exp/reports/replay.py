@@ -255,15 +255,14 @@ def run_seed(seed: Seed, docs: dict[str, Any], values_dir: Path, out: Path, args
     from lora_exp.tasks import Task
 
     seed_dir = out / seed.id
+    runs = [r for v in docs for r in resolve_runs(str(values_dir / v), None, [])]
     # Data: one set of hub-format files per task the seed's runs use.
     files: dict[str, dict[str, str]] = {}
-    tasks = {name: cast(Task, registry.TASKS.get(name))
-             for doc in docs.values() for name in _run_tasks(doc["experiment"]).values()}
+    tasks = {r.spec.task.name: cast(Task, registry.TASKS.get(r.spec.task.name)) for r in runs}
     for name, task in tasks.items():
         files[name] = replicas.write_data(task, out / "data" / name, LM_ROWS if task.kind == "lm" else ROWS)
     corpus = replicas.corpus_of((p for f in files.values() for p in f.values()), tasks.values())
     # Models: one replica per hub model the seed names (and the generation check's).
-    runs = [r for v in docs for r in resolve_runs(str(values_dir / v), None, [])]
     models = {r.spec.model.name for r in runs} | ({seed.generate} if seed.generate else set())
     local: dict[str, str] = {}
     for name in sorted(models):

@@ -16,6 +16,7 @@ embedding row; the config's special-token ids are set to the tokenizer's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -66,8 +67,10 @@ def replica_config(name: str, shape: str) -> Any:
     return config
 
 
+@functools.lru_cache(maxsize=64)
 def parameter_count(name: str, shape: str = "full") -> int:
-    """Parameters of the replica, counted on the meta device (no memory, a second or two)."""
+    """Parameters of the replica, counted on the meta device (no memory, a second or two; once per model and
+    shape: several seeds name gpt2)."""
     import torch
     from transformers import AutoModelForCausalLM
 
