@@ -4,6 +4,9 @@ really restarts itself on it. The memory it buys is measured in tests/test_mempl
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +99,19 @@ def test_restart_preloads_tcmalloc_once_and_gives_children_the_environment_back(
 
     monkeypatch.setattr(allocator.os, "execve", refuse)
     allocator.reexec()  # a restart that cannot be made leaves the job on glibc, running
+
+
+def test_in_use_is_the_allocator_the_process_started_with(clean_env):
+    """Preloaded at start: tcmalloc. Loaded later (ctypes), the process's malloc is still glibc's: system."""
+    if allocator.library() is None:
+        pytest.skip("tcmalloc is not installed")
+    code = "from lora_exp.core import allocator; print(allocator.in_use())"
+    late = f"import ctypes; ctypes.CDLL({allocator.library()!r}); {code}"
+    for env, snippet, expected in (({"LD_PRELOAD": allocator.library()}, code, "tcmalloc"), ({}, code, "system"),
+                                   ({}, late, "system")):
+        proc = subprocess.run([sys.executable, "-c", snippet], env={**os.environ, **clean_env, **env},
+                              capture_output=True, text=True, check=True)
+        assert proc.stdout.split()[-1] == expected, (env, snippet, proc.stdout, proc.stderr)
 
 
 def test_a_command_run_inside_another_program_is_not_restarted(monkeypatch, clean_env, tiny_gpt2: Path, toy_data,

@@ -76,6 +76,8 @@ def test_offline_smoke_job_validates_trains_and_logs_to_mlflow_on_postgresql(sta
     assert "spec ok" in results[0].logs
     # kubectl-logs style progress: one line per logging step, with loss and throughput.
     assert "loss" in results[1].logs and "samples/s" in results[1].logs
+    # The CPU image's job restarts itself on tcmalloc (lora_exp.core.allocator): its memory follows the plan.
+    assert "CPU allocator: tcmalloc" in results[1].logs, results[1].logs[-3000:]
 
     client = MlflowClient(stack.url)
     exp = client.get_experiment_by_name("smoke-offline")
@@ -85,6 +87,7 @@ def test_offline_smoke_job_validates_trains_and_logs_to_mlflow_on_postgresql(sta
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params.get("method.name", run.data.params.get("method")) is not None, run.data.params
+    assert run.data.tags.get("lora_exp.cpu_allocator") == "tcmalloc", run.data.tags
     assert any(k.startswith("train") and "loss" in k for k in run.data.metrics), sorted(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3, "one loss point per step (3 steps)"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}

@@ -56,15 +56,18 @@ def library() -> str | None:
 
 
 def in_use() -> str:
-    """The allocator of this process: ``tcmalloc`` when the ``malloc`` every library calls is tcmalloc's (a
-    library merely loaded later, by ctypes, is not), else ``system``."""
+    """The allocator of this process: ``tcmalloc`` when its library is mapped and was preloaded when the process
+    started (``/proc/self/environ``: the environment at exec), so the ``malloc`` every library calls is its;
+    else ``system`` (also for a tcmalloc merely loaded later, by ctypes). Why not compare ``malloc``'s address
+    with ``tc_malloc``'s: in a non-PIE interpreter (Debian's python3.11) ``malloc`` resolves to the
+    executable's PLT stub whatever it jumps to."""
     try:
-        process = ctypes.CDLL(None)
-        malloc, tc_malloc = (ctypes.cast(getattr(process, name), ctypes.c_void_p).value
-                             for name in ("malloc", "tc_malloc"))
-    except (AttributeError, OSError):  # no tc_malloc symbol: not tcmalloc
+        maps = Path("/proc/self/maps").read_text()
+        environ = Path("/proc/self/environ").read_bytes().split(b"\0")
+    except OSError:
         return SYSTEM
-    return TCMALLOC if malloc == tc_malloc else SYSTEM
+    preload = next((e[len(b"LD_PRELOAD="):] for e in environ if e.startswith(b"LD_PRELOAD=")), b"")
+    return TCMALLOC if "libtcmalloc" in maps and b"libtcmalloc" in preload else SYSTEM
 
 
 def _gpu_present() -> bool:
