@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR := .cache/models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test lint fmt clean help bench bench-gpu seeds
+.PHONY: setup model demo test lint fmt clean help bench bench-gpu seeds gpu-check gpu-bundle
 
 help:
 	@echo "make demo   - set up, prepare the offline SmolLM2-135M, run values/demo.yaml (baseline vs LoRA) on CPU,"
@@ -21,6 +21,9 @@ help:
 	@echo "make bench-gpu - the same plus GPT-2 large and a ~1B Llama on a CUDA machine (reports MFU)"
 	@echo "make seeds  - every seed experiment from its values file on random-weight models of the seeds' shapes and"
 	@echo "              hub-format local data, each promised output checked -> outputs/seeds/report.md (docs/seeds.md)"
+	@echo "make gpu-check - on a CUDA machine: the GPU check (benchmarks against the reference + every seed at full"
+	@echo "              shape) -> outputs/gpu-check (scripts/gpu-check.sh; DRY=1 rehearses it on CPU)"
+	@echo "make gpu-bundle - wheels for a GPU machine without network (.gpu/, sent along with the repo)"
 	@echo "make lint   - ruff, the layer contracts (import-linter) and the type checker (mypy)"
 	@echo "make image  - build the CPU job image and the MLflow image with podman or docker"
 	@echo "make image-test - run the chart's rendered pods from them: offline smoke, MLflow on PostgreSQL, 2-pod torchrun"
@@ -73,6 +76,14 @@ bench-gpu: setup model
 # per train run, on CPU. On a GPU machine: make seeds SEEDS_ARGS="--shape full --steps 20".
 seeds: setup
 	$(LORA_EXP) replay --out outputs/seeds $(SEEDS_ARGS)
+
+# The GPU check (issue 21): lora-exp against the reference on the check's workloads and every seed at full
+# shape, on a CUDA machine (packages from .gpu/ where missing: make gpu-bundle). GPU_CHECK_ARGS: bench|seeds.
+gpu-check:
+	scripts/gpu-check.sh $(GPU_CHECK_ARGS)
+
+gpu-bundle: setup model
+	scripts/gpu-bundle.sh
 
 # lint, the manifest security scan and hadolint (mk/k8s.mk), then every test.
 test: setup model system-packages lint k8s-scan k8s-lint

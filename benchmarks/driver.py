@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
+    import time
+
+    started = time.perf_counter()
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", choices=["ours", "reference"], required=True)
     ap.add_argument("--workload", required=True, help="a Workload as JSON")
@@ -35,7 +38,10 @@ def main() -> None:
         import ours as side
     else:
         import reference as side  # type: ignore[no-redef]
+    ready = time.perf_counter()
     result = side.run(w, files)
+    result["startup_seconds"] = ready - started  # imports and data, before the side's own clock
+    result["process_seconds"] = time.perf_counter() - started
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from lora_exp.core.allocator import in_use
 

@@ -18,12 +18,13 @@ def spec(w: Workload, files: dict[str, str], tmp: Path) -> dict[str, Any]:
     defaults: dict[str, Any] = {
         "model": {"name": w.model, "max_length": w.max_length},
         "data": {"data_files": files},
-        "method": {"name": "lora", "r": w.lora_r, "alpha": w.lora_alpha, "dropout": w.lora_dropout}
-        if w.method == "lora" else {"name": "full"},
+        "method": {"name": "lora", "r": w.lora_r, "alpha": w.lora_alpha, "dropout": w.lora_dropout,
+                   **w.extra.get("method", {})} if w.method == "lora" else {"name": "full"},
         "training": {"max_steps": w.steps, "per_device_train_batch_size": w.batch_size,
                      "per_device_eval_batch_size": w.eval_batch_size, "learning_rate": w.learning_rate,
                      "seed": w.seed, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 10,
-                     **w.extra.get("training", {})},
+                     "gradient_accumulation_steps": w.gradient_accumulation_steps, "precision": w.precision,
+                     "gradient_checkpointing": w.gradient_checkpointing, **w.extra.get("training", {})},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
         "output_root": str(tmp / "outputs"),
     }
@@ -38,6 +39,8 @@ def spec(w: Workload, files: dict[str, str], tmp: Path) -> dict[str, Any]:
 
 
 def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
+    from timing import StepTimer, warm_steps
+
     from lora_exp.config.loading import resolve_runs
     from lora_exp.runtime.evaluation import evaluate_splits
     from lora_exp.runtime.prepare import prepare
@@ -52,6 +55,12 @@ def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
         p = prepare(run)
         trainer, _ = build_trainer(run.spec, p.model, p.form, p.tokenizer, tmp / "trainer", p.train_ds, None,
                                    Tracker(None))
+        timer = StepTimer(warm_steps(w.steps), f"ours-{w.label or w.name}")
+        trainer.add_callback(timer)
+        plan = plan_estimate(run, p.train_ds)
+        settings = {"torch_compile": bool(trainer.compile_blocks), "liger": bool(trainer.args.use_liger_kernel),
+                    "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+                    "attention": getattr(p.model.config, "_attn_implementation", None)}
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
@@ -62,6 +71,24 @@ def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
         eval_rows = sum(len(ds) for ds in p.evals_raw.values())
         if w.formulation == "causal_lm":
             eval_rows = int(metrics.get("validation_blocks", eval_rows))
-        return {"train_seconds": train_s, "train_samples": w.steps * w.batch_size, "eval_seconds": eval_s,
-                "eval_samples": eval_rows, "train_tokens": sum(lengths) / len(lengths) * w.steps * w.batch_size,
-                "eval_loss": metrics.get("validation_loss"), "accuracy": metrics.get("validation_accuracy")}
+        samples = w.steps * w.batch_size * w.gradient_accumulation_steps
+        return {"train_seconds": train_s, "train_samples": samples, "eval_seconds": eval_s,
+                "eval_samples": eval_rows, "train_tokens": sum(lengths) / len(lengths) * samples,
+                "eval_loss": metrics.get("validation_loss"), "accuracy": metrics.get("validation_accuracy"),
+                **timer.result(w.batch_size * w.gradient_accumulation_steps), **plan, "settings": settings}
+
+
+def plan_estimate(run: Any, train_ds: Any) -> dict[str, float]:
+    """The memory plan's estimate for this run on this device at its data's longest row (what the run's own
+    ``plan_peak_memory_mb`` records), beside the measured peak; on GPU without the CUDA context (not in
+    PyTorch's peak allocation)."""
+    import torch
+
+    from lora_exp.runtime.memplan import estimate, longest_row
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    try:
+        plan = estimate(run.spec, device, length=longest_row(run.spec, train_ds))
+    except Exception as e:  # noqa: BLE001 - a record, not the measurement
+        return {"plan_error": str(e)}
+    return {"plan_peak_mb": plan.peak_mb - plan.breakdown["runtime"]}

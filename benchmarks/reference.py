@@ -86,6 +86,8 @@ def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
                     "labels": [list(b) for b in blocks]}
 
         collator, task_type, preprocess = default_data_collator, "CAUSAL_LM", None
+    if w.gradient_checkpointing:
+        model.config.use_cache = False
     if w.method == "lora":
         targets = TARGETS.get(model.config.model_type, LLAMA_TARGETS)
         model = get_peft_model(model, LoraConfig(task_type=task_type, r=w.lora_r, lora_alpha=w.lora_alpha,
@@ -94,24 +96,34 @@ def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
     cols = raw["train"].column_names
     train = raw["train"].map(encode, batched=True, remove_columns=cols)
     evals = raw["validation"].map(encode, batched=True, remove_columns=cols)
+    from timing import StepTimer, warm_steps
+
+    cuda = torch.cuda.is_available()
+    sixteen = {"auto": "bf16" if cuda and torch.cuda.is_bf16_supported() else None, "bf16": "bf16",
+               "fp16": "fp16"}.get(w.precision) if cuda else None
+    timer = StepTimer(warm_steps(w.steps), f"reference-{w.label or w.name}")
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=w.batch_size,
+                                 gradient_accumulation_steps=w.gradient_accumulation_steps,
+                                 gradient_checkpointing=w.gradient_checkpointing,
                                  per_device_eval_batch_size=w.eval_batch_size, learning_rate=w.learning_rate,
                                  max_steps=w.steps, seed=w.seed, report_to="none", logging_steps=10,
                                  save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-                                 bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+                                 bf16=sixteen == "bf16", fp16=sixteen == "fp16",
                                  prediction_loss_only=w.formulation == "causal_lm")
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
-                          preprocess_logits_for_metrics=preprocess)
+                          preprocess_logits_for_metrics=preprocess, callbacks=[timer])
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pred = trainer.predict(evals)
         eval_s = time.perf_counter() - t0
-    result: dict[str, Any] = {"train_seconds": train_s, "train_samples": w.steps * w.batch_size,
+    samples = w.steps * w.batch_size * w.gradient_accumulation_steps
+    result: dict[str, Any] = {"train_seconds": train_s, "train_samples": samples,
                               "eval_seconds": eval_s, "eval_samples": len(evals),
-                              "train_tokens": _tokens(train, w), "eval_loss": pred.metrics.get("test_loss")}
+                              "train_tokens": _tokens(train, w), "eval_loss": pred.metrics.get("test_loss"),
+                              **timer.result(w.batch_size * w.gradient_accumulation_steps)}
     if w.formulation == "classifier":
         result["accuracy"] = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(pred.label_ids)).mean())
     elif w.formulation == "verbalizer":
@@ -123,5 +135,5 @@ def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
 def _tokens(ds: Any, w: Workload) -> float:
     """Non-padding tokens of the training samples the run consumed (the mean sample, times the samples)."""
     lengths = [len(x) for x in ds["input_ids"]]
-    return sum(lengths) / len(lengths) * w.steps * w.batch_size
+    return sum(lengths) / len(lengths) * w.steps * w.batch_size * w.gradient_accumulation_steps
 

@@ -45,7 +45,12 @@ class Workload:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     seed: int = 42
-    extra: dict[str, Any] = field(default_factory=dict)
+    gradient_accumulation_steps: int = 1
+    precision: str = "auto"  # auto (bf16 where the GPU has it), fp16, bf16, fp32
+    gradient_checkpointing: bool = False
+    row_tokens: int | None = None  # the longest data row in tokens (default: max_length)
+    label: str = ""  # how the report names the workload (default: its name)
+    extra: dict[str, Any] = field(default_factory=dict)  # lora-exp spec overrides (a variant of lora-exp's side)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +69,32 @@ def workloads(model: str, gpu: bool = False) -> list[Workload]:
         Workload("classification-full", "classifier", "full", model, steps=steps // 2, batch_size=batch,
                  learning_rate=2e-5),
     ]
+
+
+def gpu_check_workloads(models: dict[str, str], steps: int = 60) -> list[Workload]:
+    """The GPU check's workloads (issue 21): LoRA with each formulation on the 1B Llama shape and on GPT-2
+    large, full fine-tuning of GPT-2, and seed 000's shape (GPT-2 large verbalizer LoRA r16, batch 6 x 6
+    accumulation, fp16, gradient checkpointing, max length 256 with MNLI-length rows). The 1B Llama's
+    causal-LM workload runs 16 blocks of 512 tokens a step (8,192 tokens: the MFU workload)."""
+    llama, large, small = models["llama-1b"], models["gpt2-large"], models["gpt2"]
+    out = []
+    for kind, path in (("llama-1b", llama), ("gpt2-large", large)):
+        out += [
+            Workload("classification-lora", "classifier", "lora", path, steps=steps, batch_size=32,
+                     label=f"{kind} classification-lora"),
+            Workload("verbalizer-lora", "verbalizer", "lora", path, steps=steps, batch_size=32,
+                     label=f"{kind} verbalizer-lora"),
+            Workload("causal-lm-lora", "causal_lm", "lora", path, steps=steps // 2,
+                     batch_size=16 if kind == "llama-1b" else 32, max_length=512 if kind == "llama-1b" else 128,
+                     train_rows=640, label=f"{kind} causal-lm-lora"),
+        ]
+    out.append(Workload("classification-full", "classifier", "full", small, steps=steps, batch_size=32,
+                        learning_rate=2e-5, label="gpt2 classification-full"))
+    out.append(Workload("seed-000-shape", "verbalizer", "lora", large, steps=max(2, steps // 6), batch_size=6,
+                        eval_batch_size=24, gradient_accumulation_steps=6, precision="fp16",
+                        gradient_checkpointing=True, lora_r=16, lora_alpha=32, lora_dropout=0.1,
+                        learning_rate=2e-4, max_length=256, row_tokens=96, label="gpt2-large seed-000-shape"))
+    return out
 
 
 def _filler(rng: random.Random) -> str:
@@ -105,7 +136,7 @@ def write_data(out: Path, model: str, w: Workload) -> dict[str, str]:
             ("validation", demo.HELD_OUT, demo.HELD_OUT_PRODUCTS, w.eval_rows, 2)):
         path = out / f"{split}.jsonl"
         if not path.exists():
-            rows = make_rows(templates, products, n, tok, seed, max_tokens=w.max_length)
+            rows = make_rows(templates, products, n, tok, seed, max_tokens=w.row_tokens or w.max_length)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files[split] = str(path)
     return files

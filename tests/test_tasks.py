@@ -92,9 +92,11 @@ def test_verbalizer_scores_read_the_answer_position(tmp_path, tiny_tokenizer_dir
     logits[0, answer[0] - 1, form.first_ids[1]] = 5.0  # row 0 predicts "positive" where its answer starts
     logits[1, answer[1] - 1, form.first_ids[0]] = 5.0  # row 1 predicts "negative"
 
-    class Fixed:  # these logits, computed only where asked (a boolean logits_to_keep, as transformers does)
+    class Fixed:  # these logits, computed only where asked (logits_to_keep, read as transformers reads it)
         def __call__(self, input_ids, attention_mask=None, logits_to_keep=None):
-            return SimpleNamespace(logits=logits[logits_to_keep])
+            from transformers.modeling_utils import slice_logits_to_keep
+
+            return SimpleNamespace(logits=slice_logits_to_keep(logits, logits_to_keep))
 
     batch = {"input_ids": torch.zeros(2, 20, dtype=torch.long), "attention_mask": torch.ones(2, 20), "labels": labels}
     _, scores = form.scored_forward(Fixed(), batch)

@@ -108,6 +108,7 @@ def test_training_keeps_its_pace_through_an_outage_and_everything_arrives(server
     job = Job(_values(tmp_path, tiny_gpt2, toy_data, steps), tmp_path,
               {"MLFLOW_TRACKING_URI": server.url, "LORA_EXP_TRACKING_DEADLINE": "180", "OMP_NUM_THREADS": "1"})
     assert job.wait_for(f"step 200/{steps} ")
+    time.sleep(2.5)  # progress lines (second resolution) before the outage, however fast the first steps ran
     down = time.time()
     server.stop()
     time.sleep(outage_s)

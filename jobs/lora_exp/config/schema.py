@@ -257,14 +257,15 @@ class TrainingSpec(Strict):
         "(docs/benchmarks.md); on GPU with flash attention it removes all padding work. Not with distill jobs.",
     )
     torch_compile: bool = Field(
-        False, description="torch.compile the model. Off by default: every new padded batch shape recompiles "
-        "(minutes on CPU, seconds on GPU), which short experiments never win back; try it for long GPU runs, "
-        "best with packing.",
+        False, description="torch.compile the model's repeated blocks in place (regional compilation: one block "
+        "is compiled and serves every layer, dynamic shapes; evaluation runs them eagerly). Off by default: on CPU "
+        "a compile takes minutes, and on an H200 its cost was not yet won back in a measured run "
+        "(docs/benchmarks.md, GPU).",
     )
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) via "
-        "transformers' use_liger_kernel: less memory and more throughput on CUDA GPUs for Llama-family models. "
-        "Needs a CUDA GPU and the liger-kernel package; off by default because CPUs cannot run them.",
+        "transformers' use_liger_kernel, for Llama-family models on CUDA GPUs. Needs a CUDA GPU and the liger-kernel "
+        "package. Off by default: not yet measured against the default path on a GPU (docs/benchmarks.md).",
     )
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)

@@ -36,6 +36,8 @@ class Verbalizer(ClassificationFormulation):
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     word_ids: list[list[int]] = field(init=False)
     first_ids: list[int] = field(init=False)
+    longest_word: int = field(init=False)  # tokens of the longest label word
+    _first_ids_by_device: dict[Any, Any] = field(init=False, default_factory=dict, repr=False)
 
     @classmethod
     def memory_probe(cls, model: Any, batch: int, length: int) -> Any:
@@ -59,6 +61,7 @@ class Verbalizer(ClassificationFormulation):
         if any(not ids for ids in self.word_ids):
             raise SpecError("formulation.verbalizers: a label word tokenizes to nothing")
         self.first_ids = [ids[0] for ids in self.word_ids]
+        self.longest_word = max(len(ids) for ids in self.word_ids)
         if len(set(self.first_ids)) != len(self.first_ids):
             pairs = zip(self.task.labels, self.first_ids, strict=True)
             clash = [self.words[lab] for lab, t in pairs if self.first_ids.count(t) > 1]
@@ -99,24 +102,44 @@ class Verbalizer(ClassificationFormulation):
 
         A plain forward projects every position onto the vocabulary ((batch x length x 49K) floats for SmolLM2,
         most of the LM head's work) to score one or two tokens per row. Here the model computes logits only
-        where the next token is a label token (``logits_to_keep`` as a boolean mask); the loss is the one the
-        model would compute (summed cross-entropy over label tokens / ``num_items_in_batch``, else the mean).
-        Works for padded batches and packed ones (one row, sequences told apart by ``labels == -100``)."""
+        where the next token is a label token (``logits_to_keep``); the loss is the one the model would compute
+        (summed cross-entropy over label tokens / ``num_items_in_batch``, else the mean).
+
+        Padded batches (every row holds one label word) gather a fixed number of positions per row, the
+        longest label word's, so no shape depends on the data: a boolean mask would make the host wait for the
+        GPU at every step (its count decides the output's shape), which on a GPU costs more than the LM head it
+        saves. Packed batches (one row, sequences told apart by ``labels == -100``) take the masked path."""
         import torch
         import torch.nn.functional as F
 
         labels = inputs["labels"]
         targets = labels[:, 1:]
         scored = targets != -100  # position p predicts token p + 1
-        keep = F.pad(scored, (0, 1), value=False)
-        out = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
-        logits = out.logits.float()  # (number of scored tokens, vocab)
-        loss = F.cross_entropy(logits, targets[scored], reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum())
-        # The first label token of each example: scored, and the position before it is not.
-        first = scored & ~F.pad(scored[:, :-1], (1, 0), value=False)
-        at = logits[first[scored]].log_softmax(dim=-1)
-        return loss, at[:, torch.tensor(self.first_ids, device=at.device)]
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        count = num_items_in_batch if num_items_in_batch is not None else scored.sum()
+        if "attention_mask" not in inputs:  # packed: one row of many examples
+            keep = F.pad(scored, (0, 1), value=False)
+            logits = model(**rest, logits_to_keep=keep).logits.float()  # (number of scored tokens, vocab)
+            loss = F.cross_entropy(logits, targets[scored], reduction="sum") / count
+            # The first label token of each example: scored, and the position before it is not.
+            first = scored & ~F.pad(scored[:, :-1], (1, 0), value=False)
+            return loss, logits[first[scored]].log_softmax(dim=-1)[:, self.first_ids_on(logits.device)]
+        steps = torch.arange(self.longest_word, device=labels.device)
+        start = scored.int().argmax(dim=1, keepdim=True)  # where each row's label word is predicted from
+        positions = (start + steps).clamp(max=targets.shape[1] - 1)  # (batch, longest word)
+        wanted = torch.where(steps < scored.sum(dim=1, keepdim=True), targets.gather(1, positions), -100)
+        logits = model(**rest, logits_to_keep=positions).logits.float()  # (batch, longest word, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), ignore_index=-100, reduction="sum") / count
+        return loss, logits[:, 0].log_softmax(dim=-1)[:, self.first_ids_on(logits.device)]
+
+    def first_ids_on(self, device: Any) -> Any:
+        """The label words' first token ids as a tensor on ``device``, made once (not copied every step)."""
+        import torch
+
+        cached = self._first_ids_by_device.get(device)
+        if cached is None:
+            cached = self._first_ids_by_device[device] = torch.tensor(self.first_ids, device=device)
+        return cached
 
     def preprocess_logits(self, logits: Any, labels: Any) -> Any:
         return logits  # already (batch, labels) scores: scored_forward computed them

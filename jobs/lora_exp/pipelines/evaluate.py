@@ -16,7 +16,7 @@ from lora_exp.core.layout import RUN_KEY_FILE, TRACKING_DIR, RunDir, write_json
 from lora_exp.formulations import build_formulation
 from lora_exp.runtime.artifacts import load_trained, locate_artifact
 from lora_exp.runtime.data import lineage, load_splits, subsample
-from lora_exp.runtime.evaluation import evaluate_splits
+from lora_exp.runtime.evaluation import evaluate_splits, import_reporting_libraries
 from lora_exp.runtime.models import load_tokenizer
 from lora_exp.runtime.tracking import mlflow_run, probe, run_tracking_uri, upload_pending
 from lora_exp.runtime.trainer import prediction_trainer
@@ -59,6 +59,7 @@ def evaluate_run(run: Run) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="lora-exp-eval-") as tmp:
         artifact = resolve_artifact(run, Path(tmp))
         tokenizer = load_tokenizer(spec.model)
+        import_reporting_libraries()
         form = build_formulation(spec, task, tokenizer)
         model, source = load_trained(spec, artifact, form, tokenizer, task)
         log.info("evaluating %s on %s (%s)", source, task.name, ", ".join(evals_raw))

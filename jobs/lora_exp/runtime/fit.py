@@ -75,12 +75,13 @@ def record_spec(run: Run) -> None:
         write_json(run.dir.run_spec, spec)
 
 
-def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
-    """The plan's estimate for this run on this machine (``lora-exp plan``), logged beside the measured peak.
-    Only a record: a failure to estimate is logged and never costs the run."""
+def memory_plan(run: Run, trainer: Any, train_ds: Any = None) -> dict[str, float]:
+    """The plan's estimate for this run on this machine (``lora-exp plan``) at the length its batches reach
+    (its data's longest row), logged beside the measured peak. Only a record: a failure to estimate is logged
+    and never costs the run."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from lora_exp.runtime.memplan import estimate
+    from lora_exp.runtime.memplan import estimate, longest_row
 
     if is_deepspeed_zero3_enabled():
         # transformers would build even the meta model under deepspeed.zero.Init (collectives on one rank):
@@ -89,7 +90,7 @@ def memory_plan(run: Run, trainer: Any) -> dict[str, float]:
         return {}
     try:
         plan = estimate(run.spec, "gpu" if trainer.args.device.type == "cuda" else "cpu",
-                        gpus=trainer.accelerator.num_processes)
+                        gpus=trainer.accelerator.num_processes, length=longest_row(run.spec, train_ds))
     except Exception as e:  # noqa: BLE001 - the estimate is a record, the run goes on
         log.warning("memory plan: no estimate (%s)", e)
         return {}
@@ -133,7 +134,7 @@ def fit(run: Run, p: Prepared, watch: MemoryWatch | None = None) -> dict[str, fl
         describe_parallelism(trainer)
         # The plan models train runs; a distillation's student is not a model the plan builds.
         if trainer.is_world_process_zero() and spec.job == TRAIN:
-            tracker.log_metrics(memory_plan(run, trainer))
+            tracker.log_metrics(memory_plan(run, trainer, p.train_ds))
         resume = d.latest_checkpoint()
         if resume:
             log.info("resuming from %s", resume)

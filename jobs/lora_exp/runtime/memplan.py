@@ -350,7 +350,8 @@ def meta_model(spec: RunSpec, config: Any, dtype: str, train: bool = True, devic
     return model, form, method
 
 
-def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -> tuple[float, StepPeaks]:
+def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any,
+               length: int | None = None) -> tuple[float, StepPeaks]:
     """(evaluation peak, training-step peaks) in live bytes of ``model`` (the run's, on the meta device, built
     with ``form``): one evaluation forward and one training step, in the activation dtype of the run on
     ``device``.
@@ -367,7 +368,7 @@ def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -
     if device == "gpu" and act_dtype != torch.float32:
         model.to(act_dtype)
     probed = float(sum(p.numel() * p.element_size() for p in trainable))
-    b, s = t.per_device_train_batch_size, spec.model.max_length
+    b, s = t.per_device_train_batch_size, length or spec.model.max_length
     ev = float(eval_peak(model, lambda: form.memory_probe(model, t.per_device_eval_batch_size, s)).peak)
     if not train:
         return ev, StepPeaks(0.0, 0.0, 0.0)
@@ -384,11 +385,13 @@ def step_peaks(spec: RunSpec, device: str, train: bool, model: Any, form: Any) -
 
 
 def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = None, train: bool = True,
-             allocator: str | None = None) -> MemoryPlan:
+             allocator: str | None = None, length: int | None = None) -> MemoryPlan:
     """The run's peak memory per device (``device``: "cpu" or "gpu"; ``gpus``: the GPUs sharing ZeRO state).
     ``train=False``: evaluation only (an eval job; a distillation's teacher pass), the base model as it loads.
     ``allocator`` (CPU): ``tcmalloc`` or ``system``; by default this process's (a run estimating itself);
-    ``lora-exp plan`` passes what the CPU job image runs on.
+    ``lora-exp plan`` passes what the CPU job image runs on. ``length``: the tokens of a batch's rows (default
+    ``model.max_length``, the worst case a plan must size for; a run estimating itself passes its data's
+    longest row, :func:`longest_row`, which is what its batches really reach).
 
     Leaves every random number generator as it found it: a train run estimates itself between seeding and
     training, and initialising the meta model draws from them, which would change the run's results."""
@@ -400,13 +403,21 @@ def estimate(spec: RunSpec, device: str = "cpu", gpus: int = 1, config: Any = No
     states = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
-            return _estimate(spec, device, gpus, config, train, allocator or in_use())
+            return _estimate(spec, device, gpus, config, train, allocator or in_use(), length)
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
 
 
-def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, allocator: str) -> MemoryPlan:
+def longest_row(spec: RunSpec, train_ds: Any) -> int:
+    """The longest training row in tokens, at most ``model.max_length``: the longest padded batch a run makes
+    (packed batches: the batch's rows end to end, at most a batch of the longest rows)."""
+    lengths = [len(ids) for ids in train_ds["input_ids"]] if train_ds is not None and len(train_ds) else []
+    return min(max(lengths, default=spec.model.max_length), spec.model.max_length)
+
+
+def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, allocator: str,
+              length: int | None) -> MemoryPlan:
     import copy
 
     import torch
@@ -438,7 +449,7 @@ def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, a
     # phase holding the peak (start of backward: activations; its end: gradients) changes with depth.
     with warnings.catch_warnings():  # transformers' deprecation notes on checkpointing
         warnings.simplefilter("ignore", FutureWarning)
-        ev, steps = step_peaks(spec, device, train, model, form)
+        ev, steps = step_peaks(spec, device, train, model, form, length)
     train_peak, kept = steps.steady, steps.kept
     activations = max(0.0, steps.forward_backward - grads) if train else 0.0
     # ZeRO (not runnable here) shards what the probe saw whole: gradients and optimizer state (stage 2, 3) and

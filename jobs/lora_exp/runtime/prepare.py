@@ -11,6 +11,7 @@ from lora_exp.config.loading import Run
 from lora_exp.formulations import Formulation, build_formulation
 from lora_exp.methods import Method, get_method
 from lora_exp.runtime.data import DataInput, lineage, load_splits, subsample
+from lora_exp.runtime.evaluation import import_reporting_libraries
 from lora_exp.runtime.models import load_model, load_tokenizer
 from lora_exp.runtime.trainer import seed_everything
 from lora_exp.tasks import Task, get_task
@@ -43,6 +44,7 @@ def prepare(run: Run) -> Prepared:
     log.info("run %s: %s on %s, %d train / %d in-training eval rows", run.name, spec.method.name, task.name,
              len(train_raw), len(val_raw))
     tokenizer = load_tokenizer(spec.model)
+    import_reporting_libraries()
     form = build_formulation(spec, task, tokenizer)
     method = get_method(spec.method.name)
     model = load_model(spec.model, form.model_class, tokenizer, getattr(task, "labels", ()),

@@ -54,14 +54,31 @@ class LoraExpTrainer(Trainer):
     (``train_collator``; evaluation keeps padded batches, whose per-example outputs it gathers)."""
 
     def __init__(self, *args: Any, form: Formulation | None = None, train_collator: Any = None,
-                 **kwargs: Any) -> None:
+                 compile_blocks: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.form = form
         self.train_collator = train_collator
+        self.compile_blocks = compile_blocks
+        self.compiled = 0
         if self.args.bf16 and not self.is_deepspeed_enabled:  # DeepSpeed keeps its own bf16 copies
             n = precast_frozen_weights(self.model, torch.bfloat16)
             if n:
                 log.info("bf16 autocast: %d frozen matmul weights stored in bf16 (cast once, not per call)", n)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compile_blocks and not self.compiled:
+            self.compiled = compile_repeated_blocks(self.model)
+            log.info("torch.compile: %d repeated blocks compiled in place (regional compilation; the first steps "
+                     "include the compile)", self.compiled)
+        return super().train(*args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Evaluation runs the blocks eagerly: the compiled training graphs do not fit evaluation (no autograd,
+        no dropout), and compiling again would cost more than a short evaluation takes."""
+        if not self.compiled:
+            return super().evaluation_loop(*args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return super().evaluation_loop(*args, **kwargs)
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
         """The run's mixed precision around every forward this Trainer runs. transformers 5 returns a null
@@ -138,6 +155,7 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
     trainer = LoraExpTrainer(
         form=form,
         train_collator=form.packing_collator() if spec.training.packing else None,
+        compile_blocks=spec.training.torch_compile,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -176,6 +194,76 @@ def precast_frozen_weights(model: Any, dtype: Any) -> int:
     return cast
 
 
+def repeated_blocks(model: Any) -> list[Any]:
+    """The model's repeated blocks: the children of each ``ModuleList`` whose members are all of one class
+    (the transformer's layers: ``model.layers`` in Llama, ``transformer.h`` in GPT-2), outermost lists only."""
+    blocks: list[Any] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(child) for child in module}) == 1:
+            blocks.extend(module)
+            inside.update(id(m) for child in module for m in child.modules())
+    return blocks
+
+
+def compile_repeated_blocks(model: Any) -> int:
+    """Compile each repeated block in place (``nn.Module.compile``): the blocks share one code object, so
+    Dynamo compiles one block and reuses the result for the others (seconds, not the minutes a whole model
+    takes), and the model's parameter names and state dict stay as they are (checkpoints, adapters, PEFT).
+    Shapes are dynamic from the start: padded batches change length at every step. Returns the count."""
+    import torch._dynamo
+
+    blocks = repeated_blocks(model)
+    for name in ("cache_size_limit", "recompile_limit"):  # one entry per block instance may be kept
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 8 * len(blocks)))
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
+def ready_for_inference(trainer: Any) -> list[str]:
+    """Before the final evaluation: the model as a plain forward. LoRA adapters are merged into the weights
+    they adapt (PEFT's ``merge_and_unload``; not for 4-bit bases, whose re-quantization would change them),
+    so evaluation runs the base model's operations alone; every weight is frozen and the matmul weights are
+    stored in the autocast dtype (:func:`precast_frozen_weights`, bit-identical to autocast's own casts).
+    On a GPU the forward of a batch is bound by the host's per-operation cost, which this roughly halves for
+    LoRA. Eval jobs do the same, so a train run's final evaluation and an eval job of its artifact agree.
+    Not under DeepSpeed (its weights are partitioned). Returns what was done."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return []
+    done = []
+    model = trainer.model
+    if merge_lora(model):
+        done.append("LoRA adapters merged")
+    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if dtype is not None and precast_frozen_weights(model, dtype):
+        done.append(f"matmul weights stored in {str(dtype).removeprefix('torch.')}")
+    return done
+
+
+def merge_lora(model: Any) -> bool:
+    """Merge a PEFT LoRA model's adapters into its (unquantized) base weights, in place."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer, LoraModel
+    except ImportError:
+        return False
+    if not isinstance(model, PeftModel) or not isinstance(model.base_model, LoraModel):
+        return False
+    if not any(isinstance(m, LoraLayer) for m in model.modules()):  # merged already
+        return False
+    base = model.base_model.model
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        return False
+    model.base_model.merge_and_unload()
+    return True
+
+
 def describe_parallelism(trainer: Any) -> None:
     state = trainer.accelerator.state
     plugin = getattr(state, "deepspeed_plugin", None)
@@ -192,7 +280,7 @@ def check_accelerator(spec: RunSpec) -> None:
     """GPU-only kernels asked for where there is no CUDA GPU: stop before any model loads (exit 2)."""
     if _cuda():
         return
-    wants = [f for f, on in (("training.liger_kernels", spec.training.liger_kernels),
+    wants = [f for f, on in (("training.liger_kernels", spec.training.liger_kernels is True),
                              (f"model.attn_implementation {spec.model.attn_implementation}",
                               spec.model.attn_implementation.startswith("flash"))) if on]
     if wants:
@@ -353,7 +441,6 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
         disable_tqdm=True,
         deepspeed=deepspeed_config(t),
         dataloader_num_workers=0,
-        torch_compile=t.torch_compile,
         use_liger_kernel=t.liger_kernels,
         dataloader_pin_memory=_cuda(),
         # Without a GPU, say so: accelerate then sets up multi-process CPU (gloo) correctly, DeepSpeed included.
