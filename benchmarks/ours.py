@@ -41,12 +41,14 @@ def spec(w: Workload, files: dict[str, str], tmp: Path) -> dict[str, Any]:
 def run(w: Workload, files: dict[str, str]) -> dict[str, Any]:
     from timing import StepTimer, warm_steps
 
+    from lora_exp import plugins
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.runtime.evaluation import evaluate_splits
-    from lora_exp.runtime.prepare import prepare
-    from lora_exp.runtime.tracking import Tracker
-    from lora_exp.runtime.trainer import build_trainer
+    from lora_exp.engine.evaluation import evaluate_splits
+    from lora_exp.engine.prepare import prepare
+    from lora_exp.engine.trainer import build_trainer
+    from lora_exp.tracking.spool import Tracker
 
+    plugins.load()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         values = tmp / "values.yaml"
@@ -84,7 +86,7 @@ def plan_estimate(run: Any, train_ds: Any) -> dict[str, float]:
     PyTorch's peak allocation)."""
     import torch
 
-    from lora_exp.runtime.memplan import estimate, longest_row
+    from lora_exp.planning.memplan import estimate, longest_row
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
     try:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from lora_exp import plugins
 from support import SMOLLM2_DIR, save_tiny_model, toy_rows, write_jsonl
+
+plugins.load()  # what the CLI does as it starts: the registries hold every built-in plugin
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +49,7 @@ def tiny_llama(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct, prepared once into .cache (the same dir `make demo` uses)."""
-    from lora_exp.runtime.models import prepare_gguf_model
+    from lora_exp.engine.models import prepare_gguf_model
 
     return prepare_gguf_model(None, str(SMOLLM2_DIR))
 

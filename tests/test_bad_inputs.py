@@ -257,8 +257,6 @@ CASES: list[tuple[str, list[Mutation], tuple[str, ...]]] = [
     ("model-config-not-json", [MODEL(lambda m: (m / "config.json").write_text("{oops"))],
      ("config.json", "not readable JSON")),
     ("max-length-over-positions", [S("model.max_length", 256)], ("model.max_length", "256", "128 positions")),
-    ("lora-unknown-architecture", [MODEL(_rewrite_config(lambda c: c.update(model_type="mystery")))],
-     ("method.target_modules", "'mystery'")),
     ("offline-model-not-cached", [S("model.name", "nobody/no-such-model"), ENV(HF_HUB_OFFLINE="1")],
      ("model.name", "not in the local hub cache", "HF_HUB_OFFLINE")),
     # --- method

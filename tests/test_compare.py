@@ -16,7 +16,7 @@ from PIL import Image
 from lora_exp import cli
 from lora_exp.core import errors
 from lora_exp.core.plots import IMAGE_PANEL, figure_size
-from lora_exp.reports.comparison import split_metrics
+from lora_exp.reports.runs import split_metrics
 from lora_exp.reports.selection import Selection, search
 from support import experiment, mlflow_client, run_cli, toy_rows, write_jsonl, write_values
 
@@ -28,8 +28,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def store(tiny_gpt2, tmp_path_factory) -> Path:
     """A baseline eval, a LoRA and a head-only run of the toy task, logged as a Helm release would log them."""
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.pipelines.evaluate import evaluate_run
-    from lora_exp.pipelines.train import train
+    from lora_exp.engine.fit import train_run as train
+    from lora_exp.pipelines.eval_job import evaluate_run
 
     tmp = tmp_path_factory.mktemp("compare")
     data = {"train": str(write_jsonl(tmp / "data/train.jsonl", toy_rows(64, seed=1))),
@@ -247,7 +247,7 @@ def test_split_detection_is_generic():
     assert got == {"validation": {"perplexity": 12.0, "samples": 5},
                    "validation_matched": {"accuracy": 0.8, "samples": 10},
                    "validation_mismatched": {"mcc": 0.1, "samples": 10}}
-    from lora_exp.reports.comparison import higher_is_better, is_score
+    from lora_exp.reports.runs import higher_is_better, is_score
 
     assert not higher_is_better("perplexity") and higher_is_better("exact") and not is_score("samples")
     assert math.isclose(figure_size(7)[1], 3 * 300)
@@ -259,7 +259,7 @@ def test_report_tools_import_no_ml_library():
     import subprocess
     import sys
 
-    code = ("import sys, lora_exp.cli, lora_exp.reports.compare, lora_exp.reports.sanity, lora_exp.reports.status, "
+    code = ("import sys, lora_exp.cli, lora_exp.reports.compare, lora_exp.pipelines.sanity, lora_exp.reports.status, "
             "lora_exp.reports.selection, lora_exp.core.plots, lora_exp.core.tables; lora_exp.cli.build_parser(); "
             "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'matplotlib', 'kubernetes') if m in sys.modules];"
             "assert not heavy, heavy")

@@ -24,8 +24,8 @@ def report(tiny_gpt2, tmp_path_factory) -> tuple[Path, dict]:
     """An untrained baseline, a fine-tuned run three times (seeds 42-44), its twin differing only by seed
     (45-47), and a single-seed one; then `lora-exp compare`."""
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.pipelines.evaluate import evaluate_run
-    from lora_exp.pipelines.train import train
+    from lora_exp.engine.fit import train_run as train
+    from lora_exp.pipelines.eval_job import evaluate_run
 
     tmp = tmp_path_factory.mktemp("stats")
     data = {"train": str(write_jsonl(tmp / "data/train.jsonl", toy_rows(64, seed=1))),
@@ -89,6 +89,10 @@ def test_baseline_vs_repeated_lora_carries_mean_interval_and_p_value_as_scipy_co
                            rng=np.random.default_rng(0))
     assert rec["example_test"]["ci_low"] == pytest.approx(boot.confidence_interval.low)
     assert rec["example_test"]["ci_high"] == pytest.approx(boot.confidence_interval.high)
+    perm = stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=4000,
+                                  rng=np.random.default_rng(0))
+    assert rec["example_test"]["test"] == "paired permutation test over examples"
+    assert rec["example_test"]["p_value"] == pytest.approx(perm.pvalue)
 
     assert rec["significant"] and rec["verdict"].startswith("lora beats baseline")
     report_md = (out / "report.md").read_text()

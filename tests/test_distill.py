@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_exp.runtime.students import DistilRNN, KDStudent, kd_loss
+from lora_exp.engine.students import DistilRNN, KDStudent, kd_loss
 from support import experiment, mlflow_client, run_cli, write_values
 
 
@@ -75,9 +75,9 @@ def test_a_kd_student_learns_what_its_teacher_says_not_the_labels(tmp_path, tiny
     import numpy as np
 
     from lora_exp.config.loading import resolve_runs
+    from lora_exp.engine.fit import train_run as train
     from lora_exp.pipelines import distill as distill_pipeline
     from lora_exp.pipelines.distill import distill
-    from lora_exp.pipelines.train import train
 
     def contrary_teacher(run, teacher_dir, teacher_spec, task, train_raw, tokenizer, tmp):
         wrong = 1 - np.asarray(train_raw["label"])

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from lora_exp.config.loading import resolve_runs
-from lora_exp.pipelines.train import train
+from lora_exp.engine.fit import train_run as train
 from support import experiment, run_cli, write_values
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_throughput import prepared
 
-from lora_exp.runtime.evaluation import evaluate_splits
-from lora_exp.runtime.tracking import Tracker
-from lora_exp.runtime.trainer import ready_for_inference, repeated_blocks
+from lora_exp.engine.evaluation import evaluate_splits, ready_for_inference
+from lora_exp.engine.trainer import repeated_blocks
+from lora_exp.tracking.spool import Tracker
 
 
 @pytest.mark.parametrize("formulation", ["classifier", "verbalizer"])
@@ -39,9 +39,9 @@ def test_final_evaluation_merges_lora_and_predicts_what_the_adapted_model_did(fo
 def test_final_evaluation_of_a_bf16_full_fine_tune_stores_weights_as_autocast_casts_them(tiny_llama, toy_data,
                                                                                          tmp_path):
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.runtime.prepare import prepare
-    from lora_exp.runtime.tracking import Tracker
-    from lora_exp.runtime.trainer import build_trainer
+    from lora_exp.engine.prepare import prepare
+    from lora_exp.engine.trainer import build_trainer
+    from lora_exp.tracking.spool import Tracker
     from support import experiment, write_values
 
     doc = experiment(tiny_llama, toy_data, tmp_path, runs={"full": {"method": {"name": "full"}}})
@@ -63,7 +63,7 @@ def test_final_evaluation_of_a_bf16_full_fine_tune_stores_weights_as_autocast_ca
 
 
 def test_cudnn_attention_is_turned_off_for_sdpa_on_a_gpu(monkeypatch):
-    from lora_exp.runtime import models
+    from lora_exp.engine import models
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
     try:

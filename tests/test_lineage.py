@@ -12,9 +12,9 @@ import pytest
 from lora_exp import cli
 from lora_exp.config.loading import resolve_runs
 from lora_exp.core.tables import fmt
-from lora_exp.pipelines.train import train
-from lora_exp.runtime.data import load_splits, rows_digest, subsample
-from lora_exp.runtime.fit import COST_ENV
+from lora_exp.engine.data import load_splits, rows_digest, subsample
+from lora_exp.engine.fit import COST_ENV
+from lora_exp.engine.fit import train_run as train
 from lora_exp.tasks import get_task
 from support import experiment, mlflow_client, write_values
 

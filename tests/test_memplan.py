@@ -1,4 +1,4 @@
-"""The memory plan (``lora-exp plan``, lora_exp.runtime.memplan): its estimate against the peak that real CPU
+"""The memory plan (``lora-exp plan``, lora_exp.planning.memplan): its estimate against the peak that real CPU
 runs measure, for every method on tiny GPT-2 and Llama models and on SmolLM2-135M; and the command's
 verdicts, profile choice and exit codes on the shipped values files."""
 
@@ -213,7 +213,7 @@ def test_gpu_attention_is_planned_as_the_fused_kernels_keep_it(tiny_llama: Path,
     """On GPU the fused attention kernels (flash, SDPA's) keep no (length x length) score matrix; eager
     attention does, and the plan sees the difference grow with the square of the length."""
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.runtime.memplan import estimate
+    from lora_exp.planning.memplan import estimate
 
     doc = experiment(tiny_llama, toy_data, tmp_path, training={"precision": "bf16"})
     doc["experiment"]["defaults"]["model"]["max_length"] = 128
@@ -268,7 +268,7 @@ def test_remembered_meta_results_leave_every_estimate_as_it_was(name: str, monke
     remembered result must count exactly the memory a computed one does. squad_v2's evaluation has an operator
     whose outputs share one storage: rebuilt apart, they were counted twice (1 MiB more)."""
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.runtime import memplan
+    from lora_exp.planning import memplan
 
     runs = resolve_runs(str(ROOT / "values" / f"{name}.yaml"), None, [])
     remembered = [memplan.estimate(r.spec, "gpu").breakdown for r in runs]

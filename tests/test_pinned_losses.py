@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from lora_exp.config.loading import resolve_runs
-from lora_exp.pipelines.train import train
+from lora_exp.engine.fit import train_run as train
 from support import experiment, mlflow_client, qa_rows, text_rows, write_jsonl, write_values
 
 STEPS = 4

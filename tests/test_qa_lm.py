@@ -105,8 +105,8 @@ def test_wikitext_style_lm_perplexity_and_generation_metrics(method, tmp_path, t
 
     # perplexity == exp(mean token loss), recomputed here from the saved model over the same blocks
     from lora_exp.config.loading import resolve_runs
+    from lora_exp.engine.prepare import prepare
     from lora_exp.methods import get_method
-    from lora_exp.runtime.prepare import prepare
 
     (run,) = resolve_runs(tmp_path / "values.yaml")
     p = prepare(run)
@@ -198,10 +198,10 @@ def test_final_evaluation_matches_answers_to_their_questions(tmp_path, tiny_gpt2
     too: the final evaluation must still pair each window's logits with its own question. An untrained span
     head answers at random, which is enough to tell: its answers must equal a plain, in-order prediction."""
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.runtime.evaluation import evaluate_splits
-    from lora_exp.runtime.prepare import prepare
-    from lora_exp.runtime.tracking import Tracker
-    from lora_exp.runtime.trainer import build_trainer, prediction_trainer
+    from lora_exp.engine.evaluation import evaluate_splits
+    from lora_exp.engine.prepare import prepare
+    from lora_exp.engine.trainer import build_trainer, prediction_trainer
+    from lora_exp.tracking.spool import Tracker
 
     data = {"train": str(write_jsonl(tmp_path / "train.jsonl", qa_rows(8))),
             "validation": str(write_jsonl(tmp_path / "val.jsonl", qa_rows(24)))}

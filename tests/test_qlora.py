@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lora_exp.config.loading import resolve_runs
-from lora_exp.runtime.prepare import prepare
-from lora_exp.runtime.tracking import Tracker
-from lora_exp.runtime.trainer import build_trainer
+from lora_exp.engine.prepare import prepare
+from lora_exp.engine.trainer import build_trainer
+from lora_exp.tracking.spool import Tracker
 from support import experiment, mlflow_client, write_values
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -42,7 +42,7 @@ def test_sigterm_before_training_exits_143_and_the_next_attempt_runs(tmp_path, t
     the signal), and leave nothing the next attempt trips over. The SIGTERM is sent from inside model loading
     (a test in another process could not be sure to land before the Trainer starts)."""
     from lora_exp import cli
-    from lora_exp.runtime import models, prepare
+    from lora_exp.engine import models, prepare
 
     values = _values(tmp_path, tiny_gpt2, toy_data)
     loading = models.load_model
@@ -73,7 +73,7 @@ def test_an_attempt_killed_between_creating_the_run_and_recording_it_leaves_no_o
 
     from lora_exp.config.loading import resolve_runs
     from lora_exp.core.layout import RunDir
-    from lora_exp.runtime import tracking
+    from lora_exp.tracking import runs as tracking
 
     (run,) = resolve_runs(_values(tmp_path, tiny_gpt2, toy_data))
 

@@ -28,7 +28,7 @@ def replay(tmp_path_factory) -> Path:
 
 
 def test_every_seed_writes_every_promised_output(replay):
-    from lora_exp.reports.replay import SEEDS
+    from lora_exp.replay.seeds import SEEDS
 
     report = {r["seed"]: r for r in json.loads((replay / "report.json").read_text())}
     assert sorted(report) == [s.id for s in SEEDS]
@@ -58,7 +58,7 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 
 def test_the_derived_values_files_change_only_the_documented_overrides(replay):
     """Model source, data source and the step cap's logging interval: nothing else of the seed file moves."""
-    from lora_exp.reports.replay import SEEDS
+    from lora_exp.replay.seeds import SEEDS
 
     for seed in SEEDS:
         for v in seed.values:
@@ -99,8 +99,8 @@ def test_a_missing_output_fails_the_replay_naming_seed_and_file(replay, tmp_path
 def test_a_promised_column_left_empty_is_missing(tmp_path, monkeypatch):
     """A promise on a CSV column holds only where some row fills it (an empty BLEU column is not a BLEU); on a
     GPU, seed 003's table must also have its GPU memory."""
-    from lora_exp.reports import replay
-    from lora_exp.reports.replay import Promise, check
+    from lora_exp.replay import seeds as replay
+    from lora_exp.replay.seeds import Promise, check
 
     (tmp_path / "t.csv").write_text("run,validation_bleu,size_mb,peak_gpu_memory_mb\nfull,,1.5,\nlora,,0.1,\n")
     assert check(Promise("table", "t.csv", ("size_mb",)), tmp_path, "")["problem"] == ""
@@ -126,8 +126,8 @@ def test_replicas_keep_the_architecture_and_a_vocabulary_the_verbalizer_can_scor
     from transformers import AutoConfig, AutoTokenizer
 
     from lora_exp.core import registry
-    from lora_exp.runtime import replicas
-    from lora_exp.runtime.architectures import KNOWN_CONFIGS
+    from lora_exp.planning.architectures import KNOWN_CONFIGS
+    from lora_exp.replay import replicas
 
     full = replicas.replica_config("gpt2-large", "full")
     assert (full.n_layer, full.n_embd, full.n_head, full.vocab_size) == (36, 1280, 20, 50257)

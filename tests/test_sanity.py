@@ -13,8 +13,18 @@ import pytest
 from lora_exp import cli
 from lora_exp.config.loading import resolve_runs
 from lora_exp.core import errors
-from lora_exp.reports.sanity import CHECKS, FAIL, PASS, SANITY_FAILED, SKIP, Options
-from lora_exp.reports.sanity_checks import check_data, check_mlflow, check_reproducible, run_checks
+from lora_exp.pipelines.sanity import (
+    CHECKS,
+    FAIL,
+    PASS,
+    SANITY_FAILED,
+    SKIP,
+    Options,
+    check_data,
+    check_mlflow,
+    check_reproducible,
+    run_checks,
+)
 from support import experiment, free_port, mlflow_client, toy_rows, write_jsonl, write_values
 
 FAST = Options(skip=("mlflow", "reproducible"))  # the checks on one loaded model only
@@ -62,7 +72,7 @@ def test_head_only_trains_only_the_head(values):
 
 
 def _frozen_adapter(run):
-    from lora_exp.runtime.prepare import prepare
+    from lora_exp.engine.prepare import prepare
 
     p = prepare(run)
     for name, param in p.model.named_parameters():
@@ -79,7 +89,7 @@ def test_frozen_adapter_fails_trainable_and_gradient_flow(values, monkeypatch, c
     assert checks["data"].status == PASS  # the data is fine: only the model is broken
 
     # The command exits SANITY_FAILED (the fault injected where the command builds its model).
-    monkeypatch.setattr("lora_exp.reports.sanity_checks.prepare", _frozen_adapter)
+    monkeypatch.setattr("lora_exp.pipelines.sanity.prepare", _frozen_adapter)
     code = cli.main(["sanity", "-f", str(values), "--run", "lora", "--no-log", "--skip", "reproducible",
                      "--skip", "overfit"])
     assert code == SANITY_FAILED
@@ -90,7 +100,7 @@ def test_a_seed_that_does_not_reproduce_fails(values):
     """The fault: initialisation drawn from a generator the run's seed does not control."""
     import torch
 
-    from lora_exp.runtime.prepare import prepare
+    from lora_exp.engine.prepare import prepare
 
     (run,) = resolve_runs(values, "lora")
     calls = []
@@ -133,7 +143,7 @@ def test_broken_labels_fail(tiny_gpt2, toy_data, tmp_path, capsys):
 def test_label_ids_out_of_range_fail_the_data_check(tiny_gpt2, toy_data, tmp_path):
     """Broken after tokenization (e.g. a formulation bug): ids outside the label set, or targets that are no
     label word for the verbalizer."""
-    from lora_exp.runtime.prepare import prepare
+    from lora_exp.engine.prepare import prepare
 
     values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
         "cls": {}, "verb": {"formulation": {"kind": "verbalizer"}}}))

@@ -32,7 +32,7 @@ NAMESPACE = "lora-exp"
 def store(tiny_gpt2, tmp_path_factory) -> Path:
     """A finished LoRA run of a values file whose other runs ('later', 'long') have not run."""
     from lora_exp.config.loading import resolve_runs
-    from lora_exp.pipelines.train import train
+    from lora_exp.engine.fit import train_run as train
 
     tmp = tmp_path_factory.mktemp("status")
     data = {"train": str(write_jsonl(tmp / "data/train.jsonl", toy_rows(64, seed=1))),

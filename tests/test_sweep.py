@@ -3,6 +3,7 @@ child runs of one parent, and the parent holds the best child's parameters, the 
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def test_two_workers_share_one_study_and_the_parent_holds_the_best(tmp_path, tin
         float(best.data.params["training.learning_rate"]))
     files = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "optimization_history.png", "param_importances.png"} <= files
+    with open(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))) as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(r["number"]) for r in table] == [t.number for t in study.trials]  # Optuna's own table
+    for row, trial in zip(table, study.trials, strict=True):
+        assert row["state"] == trial.state.name and float(row["value"]) == pytest.approx(trial.value)
+        assert int(row["params_method.r"]) == trial.params["method.r"]
 
 
 def test_a_preempted_worker_resumes_its_trial(tmp_path, tiny_gpt2, toy_data):

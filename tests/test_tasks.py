@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from lora_exp.config.loading import check_run
 from lora_exp.config.schema import RunSpec
 from lora_exp.core import registry
+from lora_exp.engine.data import load_splits, subsample
 from lora_exp.formulations import build_formulation
-from lora_exp.runtime.data import load_splits, subsample
 from lora_exp.tasks import ClassificationTask, get_task
 from support import write_jsonl
 

@@ -12,9 +12,9 @@ import torch
 
 from lora_exp.config.loading import resolve_runs
 from lora_exp.core.errors import SpecError
-from lora_exp.runtime.prepare import prepare
-from lora_exp.runtime.tracking import Tracker
-from lora_exp.runtime.trainer import build_trainer
+from lora_exp.engine.prepare import prepare
+from lora_exp.engine.trainer import build_trainer
+from lora_exp.tracking.spool import Tracker
 from support import experiment, run_cli, text_rows, toy_rows, write_jsonl, write_values
 
 
@@ -155,7 +155,7 @@ def test_gpu_kernels_stop_in_validate_without_their_package_or_gpu(setting, tiny
 
 @pytest.mark.parametrize("formulation", ["classifier", "verbalizer"])
 def test_evaluation_sorted_by_length_predicts_what_the_unsorted_pass_does(formulation, tiny_llama, tmp_path):
-    from lora_exp.formulations.classification import predict_by_length
+    from lora_exp.formulations.class_scores import predict_by_length
 
     p, trainer = prepared(tiny_llama, tmp_path, formulation, per_device_eval_batch_size=3)
     trainer.model.eval()
@@ -175,7 +175,7 @@ def test_evaluation_sorted_by_length_predicts_what_the_unsorted_pass_does(formul
 
 
 def test_precision_auto_uses_cpu_bf16_units_where_there_are_some(tiny_llama, tmp_path, monkeypatch):
-    from lora_exp.runtime import trainer as tr
+    from lora_exp.engine import trainer as tr
 
     real = tr.cpu_bf16()
     monkeypatch.setattr(tr, "_cuda", lambda: False)
@@ -201,7 +201,7 @@ def test_precision_auto_uses_cpu_bf16_units_where_there_are_some(tiny_llama, tmp
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 def test_frozen_weights_precast_to_bf16_change_no_output(arch, request, tmp_path):
     """bf16 autocast casts each matmul's weight anyway: storing frozen weights in bf16 changes no number."""
-    from lora_exp.runtime.trainer import precast_frozen_weights
+    from lora_exp.methods.weights import precast_frozen_weights
 
     p, trainer = prepared(request.getfixturevalue(arch), tmp_path, "verbalizer")
     model = trainer.model.eval()
@@ -220,7 +220,7 @@ def test_frozen_weights_precast_to_bf16_change_no_output(arch, request, tmp_path
 def test_every_forward_of_a_bf16_run_is_autocast(tiny_llama, tmp_path):
     """Frozen weights stored in bf16 need bf16 inputs: forwards that accelerate has not wrapped yet (sanity's
     gradient check, before train) or that bypass its wrapper (generation on the unwrapped model) too."""
-    from lora_exp.runtime.trainer import cpu_bf16
+    from lora_exp.engine.trainer import cpu_bf16
 
     if not cpu_bf16():
         pytest.skip("this CPU has no bf16 units")

@@ -1,5 +1,5 @@
 """The tracker never costs a run: a real `mlflow server` on loopback is stopped mid-run for longer than the
-client's retry budget (1 retry, 1 s back-off: lora_exp.runtime.tracking.CLIENT_DEFAULTS) and training keeps
+client's retry budget (1 retry, 1 s back-off: lora_exp.tracking.server.CLIENT_DEFAULTS) and training keeps
 its pace; when the server is back every metric and artifact reaches it. A server still down at the end leaves
 the results on disk, exit 75, and the next attempt only uploads. An unreachable server is known in seconds,
 before any model loads. Two jobs starting together on a fresh local store both finish."""

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from lora_exp.config.loading import resolve_runs
-from lora_exp.pipelines.train import train
+from lora_exp.engine.fit import train_run as train
 from support import experiment, mlflow_client, run_cli, write_values
 
 
@@ -101,7 +101,7 @@ def test_head_only_trains_only_the_head(tiny_gpt2, toy_data, tmp_path):
     assert not torch.equal(state["score.weight"], base.score.weight.detach())
 
     # The head-only artifact (head tensors over the untouched base) reloads and reproduces the metrics.
-    from lora_exp.pipelines.evaluate import evaluate_run
+    from lora_exp.pipelines.eval_job import evaluate_run
 
     reeval_values = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
         "reeval": {"job": "eval", "eval": {"model_path": str(run.output_dir / "final")}}}), name="reeval.yaml")

@@ -316,7 +316,10 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 
 
 def experiment_schema() -> dict[str, Any]:
+    from lora_exp import plugins
     from lora_exp.config.jsonschema import json_schema
+
+    plugins.load()
 
     return {"$id": EXPERIMENT_SCHEMA_ID, **json_schema()}
 

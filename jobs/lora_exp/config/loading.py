@@ -17,6 +17,7 @@ from typing import Any, Protocol, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lora_exp.config.fields import redact_uri
 from lora_exp.config.schema import ExperimentFile, RunSpec
 from lora_exp.core import registry
 from lora_exp.core.errors import SpecError
@@ -27,7 +28,7 @@ class Run(BaseModel):
     """A resolved run and where it came from (for messages and MLflow tags). A repeat of a run that declares
     ``repeats``/``seeds`` is named ``<run>/seed-<seed>`` and belongs to the group ``<run>``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built at first use: the plugins registered by then
     experiment: str
     name: str
     spec: RunSpec
@@ -332,3 +333,13 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a spec field, e.g. --set training.epochs=1 (repeatable)",
     )
+
+
+def write_spec(run: Run, path: Path) -> Path:
+    """The resolved spec travels with every artifact (``SPEC_FILE``)."""
+    spec = run.spec.model_dump(mode="json")
+    if spec["tracking"].get("tracking_uri"):
+        spec["tracking"]["tracking_uri"] = redact_uri(spec["tracking"]["tracking_uri"])
+    doc = {"experiment": run.experiment, "run": run.name, "source": run.source, "spec": spec}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

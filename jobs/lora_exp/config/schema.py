@@ -31,15 +31,24 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    GetCoreSchemaHandler,
     StringConstraints,
     field_validator,
     model_validator,
 )
-from pydantic_core import CoreSchema, core_schema
 
+from lora_exp.config.fields import (
+    NAME_PATTERN,
+    RESERVED_SPLITS,
+    Name,
+    RegisteredNames,
+    RegisteredSpecs,
+    Text,
+    UniqueTexts,
+    _unique,
+    registered_model_name_problem,
+    tracking_scheme_problem,
+)
 from lora_exp.core import registry
-from lora_exp.core.registry import Registry
 
 AUTO = "auto"  # formulation.kind: the task's natural formulation
 DEFAULT_METHOD = "lora"
@@ -48,48 +57,6 @@ DEFAULT_METHOD = "lora"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
                  "warmup_stable_decay")
-# Experiment and run names become directory names, MLflow names and (slugged) Kubernetes names.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-# Split names that would clash with the Trainer's own metric prefixes (train_runtime, eval_loss).
-RESERVED_SPLITS = ("train", "eval")
-TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
-                    "file")
-
-Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-Text = Annotated[str, StringConstraints(min_length=1)]
-
-
-def _unique(values: list[Any] | None) -> list[Any] | None:
-    if values is not None:
-        dupes = sorted({v for v in values if values.count(v) > 1})
-        if dupes:
-            raise ValueError(f"duplicated {dupes}: each must appear once")
-    return values
-
-
-UniqueTexts = Annotated[list[Text], Field(min_length=1), AfterValidator(_unique)]
-
-
-def redact_uri(uri: str) -> str:
-    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``: what logs, tags and files may show."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rsplit("@", 1)[1]
-    return f"{scheme}://{authority}{slash}{path}"
-
-
-def tracking_scheme_problem(uri: str) -> str | None:
-    """Why MLflow could not use ``uri`` (None when it can): the scheme decides the store."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
-    if scheme not in TRACKING_SCHEMES:
-        return (f"unknown scheme {scheme or '(none)'!r}; use http(s)://host:port, sqlite:///path.db or a database "
-                "URI (postgresql://, mysql://)")
-    return None
-
-
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, and so are inf/NaN numbers; schemas build on first
     use (see module doc)."""
@@ -101,31 +68,6 @@ class MethodSpec(Strict):
     """Base of a method's spec class. A method module subclasses it with ``name: Literal["<name>"]``."""
 
     name: str
-
-
-class _RegisteredNames:
-    """A string that must be a registered name (plus ``extra`` values): an enum in the JSON Schema."""
-
-    def __init__(self, reg: Registry[Any], *extra: str) -> None:
-        self.reg, self.extra = reg, extra
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        return core_schema.literal_schema([*self.extra, *self.reg.names()])
-
-
-class _RegisteredSpecs:
-    """One of the registered methods' spec classes, chosen by its ``name`` (a tagged union)."""
-
-    def __init__(self, reg: Registry[Any]) -> None:
-        self.reg = reg
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        choices = {name: handler.generate_schema(item.spec) for name, item in self.reg.items()}
-        names = ", ".join(choices)
-        return core_schema.tagged_union_schema(
-            choices, discriminator="name", custom_error_type="method_name",
-            custom_error_message=f"give the method's name: one of {names}",
-        )
 
 
 def _default_method() -> MethodSpec:
@@ -154,7 +96,7 @@ class ModelSpec(Strict):
 class TaskSpec(Strict):
     """Which task: a registered one (mnli, mrpc, sst2, rte, cola, imdb) or ``custom``."""
 
-    name: Annotated[str, _RegisteredNames(registry.TASKS)] = Field(
+    name: Annotated[str, RegisteredNames(registry.TASKS)] = Field(
         description="A registered task, or 'custom' for a task defined by the fields below."
     )
     text_fields: UniqueTexts | None = Field(
@@ -211,7 +153,7 @@ class FormulationSpec(Strict):
     ``causal_lm``: next-token prediction over fixed-size blocks (WikiText).
     """
 
-    kind: Annotated[str, _RegisteredNames(registry.FORMULATIONS, AUTO)] = Field(
+    kind: Annotated[str, RegisteredNames(registry.FORMULATIONS, AUTO)] = Field(
         AUTO,
         description="auto: the task's natural one (classifier for classification, span for QA, causal_lm for "
         "language modelling).",
@@ -299,11 +241,6 @@ class TrainingSpec(Strict):
             raise ValueError("early_stopping keeps the best checkpoint: save_strategy/save_steps must equal "
                              "eval_strategy/eval_steps")
         return self
-
-
-def registered_model_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a model in MLflow's registry (None when it can): for the spec and for export."""
-    return "a registered model's name: not empty, no '/'" if not name.strip() or "/" in name else None
 
 
 class TrackingSpec(Strict):
@@ -481,7 +418,7 @@ class RunSpec(Strict):
     model: ModelSpec
     task: TaskSpec
     data: DataSpec = Field(default_factory=DataSpec)
-    method: Annotated[MethodSpec, _RegisteredSpecs(registry.METHODS)] = Field(
+    method: Annotated[MethodSpec, RegisteredSpecs(registry.METHODS)] = Field(
         default_factory=_default_method,
         description="How the model is adapted: a registered method (lora, qlora, head_only, full, ...) and its "
         "settings.",

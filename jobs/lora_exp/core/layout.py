@@ -10,14 +10,17 @@ and reader (train, eval, distill, export, sanity, resume).
     run_key.json           written before the MLflow run is created; the run is tagged with it
     run_spec.json          the spec the run started with (a rerun with another spec is refused)
     attempts.json          each attempt's training seconds and processes (device-hours count them all)
-    tracking/<run id>/     the spool of what the MLflow run receives (lora_exp.runtime.tracking)
+    tracking/<run id>/     the spool of what the MLflow run receives (lora_exp.tracking)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +48,6 @@ class RunDir:
     @property
     def final(self) -> Path:
         return self.root / FINAL_DIR
-
-    @property
-    def final_tmp(self) -> Path:
-        return self.root / (FINAL_DIR + ".tmp")
 
     @property
     def metrics(self) -> Path:
@@ -165,3 +164,30 @@ def publish_permissions(root: Path) -> None:
         if path.is_symlink():
             continue
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+# Written by hand: no library stages a directory and swaps it in (os.replace renames a path, shutil copies).
+def staging_dir(dest: Path) -> Path:
+    """An empty ``<dest>.tmp`` beside ``dest`` to write a directory into (:func:`publish_dir` moves it in)."""
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_dir(staging: Path, dest: Path) -> Path:
+    """Move a complete staging directory to ``dest`` in one rename (readers see the old directory or the whole
+    new one, never half of it; a crash before leaves only ``<dest>.tmp``), its modes those a plain ``open``
+    gives (:func:`publish_permissions`). An older ``dest`` is replaced."""
+    publish_permissions(staging)
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return dest
+
+
+@contextlib.contextmanager
+def published(dest: Path) -> Iterator[Path]:
+    """Write a directory under a staging name and publish it when the block ends without an error."""
+    staging = staging_dir(dest)
+    yield staging
+    publish_dir(staging, dest)

@@ -2,7 +2,7 @@
 and ``helm upgrade``, then SIGKILL after the grace period).
 
 The handler installed by :func:`install` sets a flag. Inside the training loop (:func:`deferred`) that is all
-it does: the Trainer callback (``lora_exp.runtime.callbacks.Preemption``) sees the flag at the next optimizer
+it does: the Trainer callback (``lora_exp.engine.callbacks.Preemption``) sees the flag at the next optimizer
 step boundary, saves a regular checkpoint there and stops, so the next attempt resumes exactly where this one
 stopped. Anywhere else (loading, evaluating, uploading) there is nothing to save mid-way: the handler raises
 :class:`~lora_exp.core.errors.Preempted` at once, the run is marked KILLED and the process exits 143.

@@ -1,21 +1,19 @@
 """Plugin registries: methods, tasks and formulations register themselves here, by name.
 
-A method, task or formulation is one module that calls ``register`` at import. The registries find the
-built-in ones by importing every module of their package (``lora_exp.methods`` ...) and third-party ones
-through the ``lora_exp.plugins`` entry-point group, so adding one edits nothing else: the spec's unions and
-enums (``lora_exp.config.schema``), sanity's trainable-parameter rules and the report's labels all read the
-registry. Built-ins are discovered on first use, all three packages at once, which keeps this layer free of
-imports of the layers above it (discovery goes through ``importlib``, as entry points do).
+A method, task or formulation is one module that calls ``register`` at import, so adding one edits nothing
+else: the spec's unions and enums (``lora_exp.config.schema``), sanity's trainable-parameter rules and the
+report's labels all read the registry. This module only holds them: ``lora_exp.plugins.load`` (the top layer,
+called by the CLI) imports the built-in plugin packages, each of which imports its own modules, and the
+third-party ones of the ``lora_exp.plugins`` entry-point group, then marks the registries loaded. Reading a
+registry before that is an error that says so, never an empty list taken for the truth.
 
-Listeners (``on_change``) hear of every registration after discovery: the spec schema rebuilds its unions.
+Listeners (``on_change``) hear of every registration once the registries are loaded (and once when they are):
+the spec schema rebuilds its unions, so a method defined later (a test file's) validates like a built-in one.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import logging
-import pkgutil
 import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -28,7 +26,7 @@ T = TypeVar("T")
 ENTRY_POINT_GROUP = "lora_exp.plugins"  # each entry point names a module that registers on import
 
 _lock = threading.RLock()
-_state = {"discovered": False, "discovering": False}
+_state = {"loaded": False}
 _listeners: list[Callable[[], None]] = []
 
 
@@ -37,7 +35,7 @@ class Registry(Generic[T]):
 
     def __init__(self, what: str, package: str) -> None:
         self.what = what
-        self.package = package
+        self.package = package  # the built-in plugins' package (lora_exp.plugins imports it)
         self._items: dict[str, T] = {}
 
     def register(self, name: str, item: T, *, replace: bool = False) -> T:
@@ -57,7 +55,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The item, or a SpecError that lists the known names."""
-        discover()
+        _require_loaded()
         try:
             return self._items[name]
         except KeyError:
@@ -65,54 +63,50 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """Registered names in registration order (the built-ins' module order, then plugins)."""
-        discover()
+        _require_loaded()
         return list(self._items)
 
     def items(self) -> Iterator[tuple[str, T]]:
-        discover()
+        _require_loaded()
         yield from list(self._items.items())
 
     def __contains__(self, name: object) -> bool:
-        discover()
+        _require_loaded()
         return name in self._items
 
 
 # Typed as Any-holding registries here; each layer wraps its own in a typed accessor
-# (``lora_exp.methods.get_method`` ...). The packages are imported by name only, at discovery.
+# (``lora_exp.methods.get_method`` ...).
 METHODS: Registry[object] = Registry("method", "lora_exp.methods")
 TASKS: Registry[object] = Registry("task", "lora_exp.tasks")
 FORMULATIONS: Registry[object] = Registry("formulation", "lora_exp.formulations")
-_PACKAGES = (TASKS.package, FORMULATIONS.package, METHODS.package)
 
 
 def on_change(listener: Callable[[], None]) -> None:
-    """Call ``listener`` after each registration once discovery is done (and once when it completes)."""
+    """Call ``listener`` after each registration once the registries are loaded (and once when they are)."""
     _listeners.append(listener)
 
 
 def _notify() -> None:
-    if _state["discovered"] and not _state["discovering"]:
+    if _state["loaded"]:
         for listener in list(_listeners):
             listener()
 
 
-def discover() -> None:
-    """Import every built-in plugin module and the entry-point plugins, once per process."""
-    if _state["discovered"] or _state["discovering"]:
-        return
+def loaded() -> bool:
+    return _state["loaded"]
+
+
+def mark_loaded() -> None:
+    """Called by ``lora_exp.plugins.load`` once every plugin registered: listeners hear of it once."""
     with _lock:
-        if _state["discovered"] or _state["discovering"]:
+        if _state["loaded"]:
             return
-        _state["discovering"] = True
-        try:
-            for package in _PACKAGES:
-                pkg = importlib.import_module(package)
-                for mod in pkgutil.iter_modules(pkg.__path__, prefix=package + "."):
-                    importlib.import_module(mod.name)
-            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                log.debug("loading lora-exp plugin %s (%s)", ep.name, ep.value)
-                importlib.import_module(ep.value)
-        finally:
-            _state["discovering"] = False
-        _state["discovered"] = True
+        _state["loaded"] = True
     _notify()
+
+
+def _require_loaded() -> None:
+    if not _state["loaded"]:
+        raise RuntimeError("lora-exp's plugin registries are not loaded yet: call lora_exp.plugins.load() first "
+                           "(the CLI does as it starts)")

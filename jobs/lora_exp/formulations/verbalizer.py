@@ -14,7 +14,7 @@ import numpy as np
 
 from lora_exp.core.errors import SpecError
 from lora_exp.formulations.base import Scorer, flattening_collator, probe_ids, register_formulation
-from lora_exp.formulations.classification import ClassificationFormulation, render
+from lora_exp.formulations.class_scores import ClassificationFormulation, render
 from lora_exp.tasks import ClassificationTask
 
 if TYPE_CHECKING:

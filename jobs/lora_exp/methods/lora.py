@@ -14,14 +14,10 @@ from lora_exp.methods.base import LoadBase, Method, TrainableRule, register_meth
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
 
-# Default targets per architecture (model_type): the attention and MLP projections.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"),
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    ),
-}
+# Default targets: PEFT's "all-linear", every Linear/Conv1D layer of the model but its output layer (the LM head,
+# a classification head): GPT-2's c_attn, c_proj, c_fc; Llama's q, k, v, o, gate, up, down projections; any
+# other architecture's own layers, with no table here to keep up to date.
+ALL_LINEAR = "all-linear"
 # The Trainer also saves the tokenizer; the artifact reuses the base model's, so only the adapter is kept.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "training_args.bin")
@@ -35,8 +31,8 @@ class LoraFields(MethodSpec):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(
         None,
-        description="Module names to adapt. Default per architecture: GPT-2 c_attn,c_proj,c_fc; "
-        "Llama q,k,v,o,gate,up,down _proj.",
+        description="Module names to adapt. Default: every linear layer but the output layer (PEFT's "
+        "'all-linear'): GPT-2 c_attn, c_proj, c_fc; Llama q, k, v, o, gate, up, down _proj; any architecture.",
     )
 
 
@@ -46,14 +42,9 @@ class LoraSpec(LoraFields):
     name: Literal["lora"]
 
 
-def target_modules(m: LoraFields, model_type: str) -> list[str]:
-    if m.target_modules:
-        return list(m.target_modules)
-    if model_type not in DEFAULT_TARGETS:
-        raise SpecError(
-            f"method.target_modules: no default for model type {model_type!r}; list the module names to adapt"
-        )
-    return DEFAULT_TARGETS[model_type]
+def target_modules(m: LoraFields) -> list[str] | str:
+    """The spec's modules, else PEFT's ``all-linear``."""
+    return list(m.target_modules) if m.target_modules else ALL_LINEAR
 
 
 class Lora(Method):
@@ -61,9 +52,6 @@ class Lora(Method):
     spec: ClassVar[type[MethodSpec]] = LoraSpec
     label: ClassVar[str] = "LoRA"
     report_order: ClassVar[int] = 20
-
-    def check_model(self, spec: RunSpec, config: dict[str, Any]) -> None:
-        target_modules(cast(LoraFields, spec.method), str(config.get("model_type")))
 
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -75,7 +63,7 @@ class Lora(Method):
             r=m.r,
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
-            target_modules=target_modules(m, model_type),
+            target_modules=target_modules(m),
             fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed)
         )
         try:

@@ -1,5 +1,5 @@
 """The distill job: teacher logits (computed once per teacher and rows, shared by the students), a fresh
-student, the KD loss, then the same training path as every method (``lora_exp.runtime.fit``): this module
+student, the KD loss, then the same training path as every method (``lora_exp.engine.fit``): this module
 only builds the ``Prepared`` bundle (datasets carrying ``teacher_logits``, a ``KDStudent`` model) that path
 consumes."""
 
@@ -21,18 +21,18 @@ from lora_exp.config.schema import RunSpec
 from lora_exp.core import tags
 from lora_exp.core.errors import SpecError, UserError
 from lora_exp.core.layout import SPEC_FILE, artifact_run_dir
+from lora_exp.engine.artifacts import load_trained, locate_artifact, read_spec
+from lora_exp.engine.data import lineage, load_splits, subsample
+from lora_exp.engine.fit import train_run
+from lora_exp.engine.models import load_tokenizer
+from lora_exp.engine.prepare import Prepared
+from lora_exp.engine.students import KDStudent, build_student
+from lora_exp.engine.trainer import prediction_trainer, seed_everything
 from lora_exp.formulations import build_formulation
 from lora_exp.formulations.classifier import Classifier
 from lora_exp.methods import get_method
-from lora_exp.runtime.artifacts import load_trained, locate_artifact, read_spec
-from lora_exp.runtime.data import lineage, load_splits, subsample
-from lora_exp.runtime.fit import train_run
-from lora_exp.runtime.models import load_tokenizer
-from lora_exp.runtime.prepare import Prepared
-from lora_exp.runtime.students import KDStudent, build_student
-from lora_exp.runtime.tracking import run_tracking_uri
-from lora_exp.runtime.trainer import prediction_trainer, seed_everything
 from lora_exp.tasks import ClassificationTask, Task, get_task
+from lora_exp.tracking.server import run_tracking_uri
 
 log = logging.getLogger(__name__)
 TEACHER_CACHE_DIR = ".cache/teacher-logits"  # under <output_root>/<experiment>
@@ -101,7 +101,7 @@ def teacher_logits(run: Run, teacher_dir: Path, teacher_spec: RunSpec, task: Tas
 
 
 def prepare_distill(run: Run) -> Prepared:
-    """Data (checked first) -> teacher logits -> student; the same ``Prepared`` as ``runtime.prepare``."""
+    """Data (checked first) -> teacher logits -> student; the same ``Prepared`` as ``engine.prepare``."""
     spec = run.spec
     d = spec.distill
     assert d is not None

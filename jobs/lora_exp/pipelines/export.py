@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from lora_exp.config.schema import registered_model_name_problem
+from lora_exp.config.fields import registered_model_name_problem
 from lora_exp.core import errors
-from lora_exp.core.layout import SPEC_FILE, artifact_run_dir, publish_permissions
-from lora_exp.runtime.artifacts import (
+from lora_exp.core.layout import SPEC_FILE, artifact_run_dir, published
+from lora_exp.engine.artifacts import (
     add_artifact_arguments,
     artifact_size_mb,
     load_artifact,
     locate_artifact,
     read_spec,
 )
-from lora_exp.runtime.tracking import register_version, tracking_uri
+from lora_exp.tracking.server import tracking_uri
+from lora_exp.tracking.spool import register_version
 
 HELP = "merge a LoRA adapter into its base model and save a standalone model"
 log = logging.getLogger(__name__)
@@ -60,16 +60,13 @@ def main(args: argparse.Namespace) -> int:
                                    "the artifact is already standalone")
         model, tokenizer = load_artifact(artifact, trained, quantized=False)
         merged = model.merge_and_unload()
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        doc = yaml.safe_load((artifact / SPEC_FILE).read_text())
-        doc["spec"]["method"] = {"name": "full"}
-        doc["exported_from"] = {"method": trained.method.name, "model": trained.model.name}
-        (staging / SPEC_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))
-        publish_permissions(staging)
-        staging.rename(out)
+        with published(out) as staging:
+            merged.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            doc = yaml.safe_load((artifact / SPEC_FILE).read_text())
+            doc["spec"]["method"] = {"name": "full"}
+            doc["exported_from"] = {"method": trained.method.name, "model": trained.model.name}
+            (staging / SPEC_FILE).write_text(yaml.safe_dump(doc, sort_keys=False))
     log.info("merged %s adapter into %s: %s (%.1f MB)", trained.method.name, trained.model.name, out,
              artifact_size_mb(out))
     if args.log_mlflow:

@@ -11,10 +11,10 @@ from typing import Any
 
 from lora_exp.config.schema import ModelSpec
 from lora_exp.core import errors
-from lora_exp.runtime.artifacts import add_artifact_arguments, load_artifact, locate_artifact, read_spec
-from lora_exp.runtime.models import load_model, load_tokenizer
-from lora_exp.runtime.tracking import tracking_uri
+from lora_exp.engine.artifacts import add_artifact_arguments, load_artifact, locate_artifact, read_spec
+from lora_exp.engine.models import load_model, load_tokenizer
 from lora_exp.tasks import formulation_kind, get_task
+from lora_exp.tracking.server import tracking_uri
 
 HELP = "print samples from a base model or a base model plus an adapter"
 log = logging.getLogger(__name__)

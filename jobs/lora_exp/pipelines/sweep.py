@@ -12,7 +12,6 @@ plots.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import tempfile
@@ -26,10 +25,10 @@ from lora_exp.config.schema import SweepSpec
 from lora_exp.core import tags
 from lora_exp.core.errors import Preempted, UserError
 from lora_exp.core.layout import RunDir, write_json
-from lora_exp.runtime.fit import train_run
-from lora_exp.runtime.prepare import prepare
-from lora_exp.runtime.tracking import ensure_run, mlflow_run
-from lora_exp.runtime.trainer import fresh_process_state
+from lora_exp.engine.fit import train_run
+from lora_exp.engine.prepare import prepare
+from lora_exp.engine.process import fresh_process_state
+from lora_exp.tracking.runs import ensure_run, mlflow_run
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"
@@ -180,7 +179,7 @@ def finish(run: Run, study: Any, parent_id: str) -> dict[str, float]:
                              | {"best.trial": str(best.number)})
             tracker.log_metrics({f"best_{s.metric}": float(best.value), "trials_complete": len(done),
                                  "trials_failed": sum(t.state == TrialState.FAIL for t in trials)})
-            for path in (trial_table(trials, Path(tmp)), *plots(study, Path(tmp))):
+            for path in (trial_table(study, Path(tmp)), *plots(study, Path(tmp))):
                 tracker.log_artifact(path)
         summary = {"best_trial": best.number, "best_params": best.params, "best_value": best.value,
                    "best_metrics": {s.metric: best.value}, "parent_run_id": parent_id}
@@ -190,15 +189,12 @@ def finish(run: Run, study: Any, parent_id: str) -> dict[str, float]:
         return {s.metric: float(best.value)}
 
 
-def trial_table(trials: list[Any], tmp: Path) -> Path:
+def trial_table(study: Any, tmp: Path) -> Path:
+    """``trials.csv``: Optuna's own table of the study, one row per trial (number, state, value, each parameter
+    as ``params_<field>``, start and duration)."""
     path = tmp / "trials.csv"
-    names = sorted({k for t in trials for k in t.params})
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["trial", "state", "value", *names])
-        for t in trials:
-            w.writerow([t.number, t.state.name, "" if t.value is None else repr(t.value),
-                        *(t.params.get(n, "") for n in names)])
+    study.trials_dataframe(attrs=("number", "state", "value", "params", "datetime_start", "duration")).to_csv(
+        path, index=False)
     return path
 
 

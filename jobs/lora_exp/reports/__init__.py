@@ -1,2 +1,2 @@
-"""What reads the runs back: selection of MLflow runs, the comparison report, status, and the pre-flight
-sanity checks. The top layer under the CLI."""
+"""The read side: which MLflow runs (``selection``), their metrics as tables (``runs``), statistics, arms,
+charts, the comparison report (``compare``) and ``status``. Imports nothing of the training path."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from lora_exp.core import tags
 from lora_exp.methods import get_method, method_names
-from lora_exp.reports.comparison import NOT_SCORES, Table, higher_is_better
+from lora_exp.reports.runs import NOT_SCORES, Table, higher_is_better
 from lora_exp.reports.stats import Difference, example_level, seed_level, summarize, verdict
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 from lora_exp.core.plots import Bars, Lines, image_row, line_chart
 from lora_exp.reports.arms import Arm
-from lora_exp.reports.comparison import NOT_SCORES, Table, is_score
+from lora_exp.reports.runs import NOT_SCORES, Table, is_score
 from lora_exp.reports.stats import summarize
 
 log = logging.getLogger(__name__)

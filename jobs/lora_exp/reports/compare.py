@@ -26,7 +26,7 @@ from lora_exp.core import errors
 from lora_exp.reports.report import COMPARISON_RUN, DEFAULT_LOG_EXPERIMENT, build_report, log_report
 from lora_exp.reports.selection import add_arguments as selection_arguments
 from lora_exp.reports.selection import from_args, search
-from lora_exp.runtime.tracking import redact
+from lora_exp.tracking.server import redact
 
 log = logging.getLogger(__name__)
 

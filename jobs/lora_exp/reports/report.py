@@ -16,10 +16,10 @@ from lora_exp.core.tables import markdown_table, write_csv
 from lora_exp.methods import get_method, method_names
 from lora_exp.reports.arms import Arm, arms_of, example_scores, improvements, kd_arms, method_arms, pairwise
 from lora_exp.reports.charts import confusion_matrices, learning_curves, metric_bars
-from lora_exp.reports.comparison import METHOD_HEADERS, Table, comparison_rows, method_rows, read_runs, role
+from lora_exp.reports.runs import METHOD_HEADERS, Table, comparison_rows, method_rows, read_runs, role
 from lora_exp.reports.selection import RunInfo
 from lora_exp.reports.stats import summarize
-from lora_exp.runtime.tracking import experiment_id, git_commit
+from lora_exp.tracking.server import experiment_id, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def build_report(client: Any, runs: list[RunInfo], out: Path, selection: str) ->
 _CHART_TITLES = {"comparison": "baseline vs fine-tuned", "methods": "methods", "kd": "distillation: KD vs no KD"}
 STATISTICS = ("Per arm: mean over its runs (seeds), 95% t-interval. Between arms: the seed-level test (Welch t-test, "
               "or a one-sample t-test against a single run) when an arm was repeated, else the example-level test "
-              "(McNemar exact test for the accuracy of two single runs, else a paired bootstrap over examples); "
+              "(McNemar exact test for the accuracy of two single runs, else a paired permutation test over examples, "
+              "with a bootstrap interval); "
               "significant when the 95% interval of the difference excludes 0.")
 
 

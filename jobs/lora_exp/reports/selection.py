@@ -19,7 +19,7 @@ from typing import Any
 from lora_exp.config.loading import Run, resolve_runs
 from lora_exp.core import tags
 from lora_exp.core.errors import UserError
-from lora_exp.runtime.tracking import redact, run_tracking_uri, tracking_uri
+from lora_exp.tracking.server import redact, run_tracking_uri, tracking_uri
 
 
 @dataclass(frozen=True)

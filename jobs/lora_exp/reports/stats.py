@@ -4,8 +4,8 @@ difference between two arms tested twice, at the two places a result can be luck
 - across seeds (training randomness): Welch's t-test of the arms' per-seed values, or a one-sample t-test
   when one arm is a single deterministic run (a baseline evaluation); needs two or more seeds in an arm;
 - across examples (which test examples happened to be drawn): McNemar's exact test for the accuracy of two
-  single runs, else a paired bootstrap over examples (resampling the per-example differences) for metrics that
-  are means over examples (accuracy, SQuAD exact/F1).
+  single runs, else a paired permutation test over examples (the per-example differences' signs flipped) for
+  metrics that are means over examples (accuracy, SQuAD exact/F1), with a bootstrap interval.
 
 The verdict follows the seed-level test when there is one (seeds vary more than a fixed test set suggests),
 else the example-level test, and says which. A difference is significant when its 95% interval excludes 0.
@@ -118,21 +118,22 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
 def example_level(scores_a: np.ndarray, scores_b: np.ndarray, accuracy: bool = False) -> Difference:
     """Across examples, paired: ``scores_x`` is (runs, examples) of per-example scores whose mean is the metric.
     The interval comes from a bootstrap over examples of the per-example differences (each arm averaged over
-    its runs); the p-value from McNemar's test for the accuracy of two single runs, else from the bootstrap."""
+    its runs); the p-value from McNemar's test for the accuracy of two single runs, else from a permutation
+    test of those differences (scipy's ``permutation_test``, paired: random sign flips)."""
     from scipy import stats
 
     d = scores_b.mean(axis=0) - scores_a.mean(axis=0)
     diff = float(d.mean())
     if np.all(d == d[0]):
-        return Difference(diff, diff, diff, 0.0 if diff else 1.0, "paired bootstrap (no variance)", "examples")
+        return Difference(diff, diff, diff, 0.0 if diff else 1.0, "paired permutation test (no variance)", "examples")
     res = stats.bootstrap((d,), np.mean, confidence_level=CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
                           method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED))
-    dist = res.bootstrap_distribution
     if accuracy and len(scores_a) == 1 and len(scores_b) == 1:
         p, test = mcnemar(scores_a[0].astype(bool), scores_b[0].astype(bool)), "McNemar exact test"
-    else:
-        tail = min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0)))
-        p, test = min(1.0, max(2 * tail, 1 / BOOTSTRAP_RESAMPLES)), "paired bootstrap over examples"
+    else:  # under no difference, each example's difference is as likely negated: flip signs (scipy's paired test)
+        perm = stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
+                                      n_resamples=BOOTSTRAP_RESAMPLES, rng=np.random.default_rng(BOOTSTRAP_SEED))
+        p, test = float(perm.pvalue), "paired permutation test over examples"
     return Difference(diff, float(res.confidence_interval.low), float(res.confidence_interval.high), p, test,
                       "examples")
 

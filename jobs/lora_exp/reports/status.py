@@ -27,7 +27,7 @@ from lora_exp.core import errors, tags
 from lora_exp.core.tables import text_table
 from lora_exp.reports.selection import add_arguments as selection_arguments
 from lora_exp.reports.selection import from_args, search
-from lora_exp.runtime.tracking import redact
+from lora_exp.tracking.server import redact
 
 log = logging.getLogger(__name__)
 

@@ -13,30 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
-from lora_exp.config.loading import Run
-from lora_exp.config.schema import redact_uri
+from lora_exp.config.fields import redact_uri
+from lora_exp.config.loading import Run, write_spec
 from lora_exp.core import allocator, preemption
 from lora_exp.core.errors import Preempted
-from lora_exp.core.layout import SPEC_FILE, RunDir, write_json
+from lora_exp.core.layout import SPEC_FILE, RunDir, publish_dir, staging_dir, write_json
 from lora_exp.core.tags import TRAIN
+from lora_exp.engine.artifacts import artifact_size_mb
+from lora_exp.engine.evaluation import evaluate_splits
+from lora_exp.engine.memory import MemoryWatch, peak_memory
+from lora_exp.engine.prepare import Prepared, prepare
+from lora_exp.engine.trainer import best_losses, build_trainer, check_accelerator, describe_parallelism
 from lora_exp.methods import Method, count_parameters
-from lora_exp.runtime.artifacts import artifact_size_mb, write_spec
-from lora_exp.runtime.evaluation import evaluate_splits
-from lora_exp.runtime.prepare import Prepared
-from lora_exp.runtime.tracking import Tracker, mlflow_run, probe, run_tracking_uri, upload_pending
-from lora_exp.runtime.trainer import (
-    MemoryWatch,
-    best_losses,
-    build_trainer,
-    check_accelerator,
-    describe_parallelism,
-    peak_memory,
-)
+from lora_exp.tracking.runs import mlflow_run, upload_pending
+from lora_exp.tracking.server import probe, run_tracking_uri
+from lora_exp.tracking.spool import Tracker
 
 log = logging.getLogger(__name__)
 COST_ENV = "LORA_EXP_COST_PER_GPU_HOUR"  # the profile's price of a device-hour (the chart sets it)
@@ -54,9 +49,9 @@ def finished_metrics(run: Run, state: RunDir | None = None) -> dict[str, float] 
     return dict(json.loads(d.metrics.read_text()))
 
 
-def train_run(run: Run, prepare_fn: Callable[[Run], Prepared]) -> dict[str, float]:
-    """What every training job does: nothing when finished (but upload what is pending), else check that the
-    tracking server answers (seconds, before any model loads), prepare, and fit."""
+def train_run(run: Run, prepare_fn: Callable[[Run], Prepared] = prepare) -> dict[str, float]:
+    """The train job (``lora-exp train``), and each trial of a sweep: nothing when finished (but upload what
+    is pending), else check that the tracking server answers (seconds, before any model loads), prepare, fit."""
     done = finished_metrics(run)
     if done is not None:
         return done
@@ -81,7 +76,7 @@ def memory_plan(run: Run, trainer: Any, train_ds: Any = None) -> dict[str, float
     and never costs the run."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from lora_exp.runtime.memplan import estimate, longest_row
+    from lora_exp.planning.memplan import estimate, longest_row
 
     if is_deepspeed_zero3_enabled():
         # transformers would build even the meta model under deepspeed.zero.Init (collectives on one rank):
@@ -166,14 +161,12 @@ def fit(run: Run, p: Prepared, watch: MemoryWatch | None = None) -> dict[str, fl
 def save_artifact(run: Run, trainer: Any, method: Method, tracker: Tracker) -> RunDir:
     """Write ``<run>/final`` atomically (all ranks take part: ZeRO-3 gathers shards) and log it as ``model``."""
     d = run.dir
-    if trainer.is_world_process_zero():
-        shutil.rmtree(d.final_tmp, ignore_errors=True)
+    staging = staging_dir(d.final) if trainer.is_world_process_zero() else d.final.with_name("final.tmp")
     trainer.accelerator.wait_for_everyone()
-    method.save(trainer, str(d.final_tmp))
+    method.save(trainer, str(staging))
     if trainer.is_world_process_zero():
-        write_spec(run, d.final_tmp / SPEC_FILE)
-        shutil.rmtree(d.final, ignore_errors=True)
-        d.final_tmp.rename(d.final)
+        write_spec(run, staging / SPEC_FILE)
+        publish_dir(staging, d.final)
         tracker.log_artifacts(d.final, "model")
         tracker.log_metrics({"artifact_size_mb": artifact_size_mb(d.final)})
     trainer.accelerator.wait_for_everyone()

@@ -1,6 +1,6 @@
 """``lora-exp plan -f values.yaml [--run R] [--profile P]``: will each run fit its hardware, before it queues?
 
-For each run: the estimated peak memory per device with its parts (``lora_exp.runtime.memplan``: the model
+For each run: the estimated peak memory per device with its parts (``lora_exp.planning.memplan``: the model
 built from its config on the meta device, no weights downloaded), the verdict against the run's own profile
 (the chart's ``profile``/``job.runProfiles``, with the profile's training defaults layered under the
 experiment's, as the chart renders them) with a safety margin, and the smallest profile that fits.
@@ -31,7 +31,7 @@ from lora_exp.core.tables import text_table
 
 if TYPE_CHECKING:
     from lora_exp.config.loading import Run
-    from lora_exp.runtime.memplan import MemoryPlan
+    from lora_exp.planning.memplan import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Planner:
         return resolve_runs(self.values, self.run, self.overrides, under={"training": profile.training})
 
     def plan(self, run: Run, profile: HardwareProfile) -> MemoryPlan:
-        from lora_exp.runtime.memplan import estimate
+        from lora_exp.planning.memplan import estimate
 
         key = json.dumps([run.spec.model_dump(mode="json"), profile.device, profile.world_size], sort_keys=True)
         if key not in self._cache:
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     failing: list[str] = []
     resolved = resolve_runs(args.values, args.run, args.overrides)
     if args.check:  # everything `lora-exp validate` checks comes first: the init container runs this alone
-        from lora_exp.runtime.preflight import preflight
+        from lora_exp.engine.preflight import preflight
 
         for run in resolved:
             log.info("run %s: spec ok; %s", run.name, "; ".join(preflight(run)))

@@ -6,7 +6,7 @@ a derived values file beside the results (``<out>/<seed>/<values>.yaml``) and li
 
 - **model source**: each hub model is replaced by a local directory with its real architecture (``full``),
   or the same family scaled down (``small``, ``tiny``), random weights and a tokenizer trained on the replay
-  data (``lora_exp.runtime.replicas``);
+  data (``lora_exp.replay.replicas``);
 - **data source**: ``data.data_files`` points at small local JSONL files in the hub data set's schema and
   split names (MNLI's validation_matched/validation_mismatched, SQuAD v2's empty answer lists, ...);
 - **step cap**: ``training.max_steps`` (and ``logging_steps`` no larger, so each run logs a loss curve).
@@ -213,7 +213,7 @@ def shape_for(name: str, args: argparse.Namespace) -> tuple[str, int, str]:
     survive), and the replay's rows are short: it judged gpt2-medium's CoLA LoRA run (batch 128) at 41 GB,
     which ran here at its real shape in 6.8 GB.
     """
-    from lora_exp.runtime.replicas import parameter_count
+    from lora_exp.replay.replicas import parameter_count
 
     if args.shape != "auto":
         return args.shape, parameter_count(name, args.shape), f"--shape {args.shape}"
@@ -251,7 +251,7 @@ def run_seed(seed: Seed, docs: dict[str, Any], values_dir: Path, out: Path, args
              res: SeedResult) -> None:
     """Make the seed's data and models, write its derived values files and run its commands."""
     from lora_exp.core import registry
-    from lora_exp.runtime import replicas
+    from lora_exp.replay import replicas
     from lora_exp.tasks import Task
 
     seed_dir = out / seed.id

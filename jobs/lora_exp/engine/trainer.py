@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import resource
-import socket
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +14,11 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lora_exp.config.schema import RunSpec, TrainingSpec
 from lora_exp.core.errors import UserError
+from lora_exp.engine.callbacks import MlflowMetrics, Preemption, ProgressLogger
+from lora_exp.engine.process import single_process_launch
 from lora_exp.formulations import Formulation
-from lora_exp.runtime.callbacks import MlflowMetrics, Preemption, ProgressLogger
-from lora_exp.runtime.tracking import Tracker
+from lora_exp.methods.weights import precast_frozen_weights
+from lora_exp.tracking.spool import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -171,29 +168,6 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
     return trainer, preemption
 
 
-def precast_frozen_weights(model: Any, dtype: Any) -> int:
-    """Store frozen matmul weights in the autocast dtype: the same numbers, without the cast per call.
-
-    Under bf16 autocast every Linear casts its fp32 weight to bf16 on each call, and autocast caches casts
-    only for weights that train; for LoRA and head-only runs, whose base is frozen, that is a copy of the
-    whole model per forward (about a fifth of a CPU training step for SmolLM2). Casting once gives the
-    matmuls bit-identical inputs. Only Linear/Conv1D weights: embeddings, norms and the residual stream keep
-    their precision (a weight tied to an embedding is left alone), so nothing outside the matmuls changes.
-    Returns the number of weights cast."""
-    from transformers.pytorch_utils import Conv1D
-
-    tied = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    cast = 0
-    for module in model.modules():
-        if not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad and param.dtype == torch.float32 and id(param) not in tied:
-                param.data = param.data.to(dtype)
-                cast += name == "weight"
-    return cast
-
-
 def repeated_blocks(model: Any) -> list[Any]:
     """The model's repeated blocks: the children of each ``ModuleList`` whose members are all of one class
     (the transformer's layers: ``model.layers`` in Llama, ``transformer.h`` in GPT-2), outermost lists only."""
@@ -222,46 +196,6 @@ def compile_repeated_blocks(model: Any) -> int:
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
-
-
-def ready_for_inference(trainer: Any) -> list[str]:
-    """Before the final evaluation: the model as a plain forward. LoRA adapters are merged into the weights
-    they adapt (PEFT's ``merge_and_unload``; not for 4-bit bases, whose re-quantization would change them),
-    so evaluation runs the base model's operations alone; every weight is frozen and the matmul weights are
-    stored in the autocast dtype (:func:`precast_frozen_weights`, bit-identical to autocast's own casts).
-    On a GPU the forward of a batch is bound by the host's per-operation cost, which this roughly halves for
-    LoRA. Eval jobs do the same, so a train run's final evaluation and an eval job of its artifact agree.
-    Not under DeepSpeed (its weights are partitioned). Returns what was done."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        return []
-    done = []
-    model = trainer.model
-    if merge_lora(model):
-        done.append("LoRA adapters merged")
-    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if dtype is not None and precast_frozen_weights(model, dtype):
-        done.append(f"matmul weights stored in {str(dtype).removeprefix('torch.')}")
-    return done
-
-
-def merge_lora(model: Any) -> bool:
-    """Merge a PEFT LoRA model's adapters into its (unquantized) base weights, in place."""
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer, LoraModel
-    except ImportError:
-        return False
-    if not isinstance(model, PeftModel) or not isinstance(model.base_model, LoraModel):
-        return False
-    if not any(isinstance(m, LoraLayer) for m in model.modules()):  # merged already
-        return False
-    base = model.base_model.model
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        return False
-    model.base_model.merge_and_unload()
-    return True
 
 
 def describe_parallelism(trainer: Any) -> None:
@@ -327,81 +261,6 @@ def deepspeed_config(t: TrainingSpec) -> dict[str, Any] | None:
     }
 
 
-def single_process_launch() -> None:
-    """DeepSpeed needs a launcher's environment; without torchrun (a single-GPU Job, a laptop) it would look
-    for MPI. One process is a world of one: say so the way torchrun would."""
-    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"})
-    log.info("DeepSpeed without a launcher: running as a single-process world")
-
-
-@contextlib.contextmanager
-def fresh_process_state() -> Iterator[None]:
-    """Leave the process as a fresh one would be for the next run: the environment as it was, and none of the
-    process-wide state a run's Trainer leaves behind.
-
-    Why: accelerate keeps the distributed type and the DeepSpeed plugin in process-wide singletons and sets
-    ``ACCELERATE_USE_DEEPSPEED`` in the environment; transformers keeps the DeepSpeed config in a module
-    global; ``single_process_launch`` writes a launcher's variables. After a ZeRO-3 run, the next run of the
-    same ``lora-exp run`` loaded its model partitioned (zero-sized weights) and trained under DeepSpeed
-    although its spec had no ZeRO (seed 001's glue.yaml: mrpc-full, then sst2-lora).
-    """
-    before = dict(os.environ)
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    reset_peak_rss()  # this run's peak memory is its own, not the largest earlier run's
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        yield
-    finally:
-        # Each step alone, and none may replace the run's own exception (its exit code drives the chart).
-        for step in (lambda: _restore_environment(before), _forget_deepspeed_state,
-                     lambda: _destroy_own_world(before, had_group)):
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - cleaning up after a run must not fail it
-                log.warning("releasing the run's process state: %s", e)
-
-
-def _restore_environment(before: dict[str, str]) -> None:
-    """Only the variables the run changed: the others are never unset, even for a moment (threads of a
-    launcher's process group may be reading the environment)."""
-    for key in [k for k in os.environ if k not in before]:
-        del os.environ[key]
-    for key, value in before.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
-
-
-def _forget_deepspeed_state() -> None:
-    import gc
-
-    from accelerate.state import AcceleratorState, GradientState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    gc.collect()
-
-
-def _destroy_own_world(before: dict[str, str], had_group: bool) -> None:
-    """The world of one a run made (``single_process_launch``), not a launcher's or the caller's; through
-    DeepSpeed when it made it, which keeps references to its groups that a later ZeRO run would find stale."""
-    if had_group or "WORLD_SIZE" in before or not torch.distributed.is_initialized():
-        return
-    ds = sys.modules.get("deepspeed.comm.comm")
-    if ds is not None and ds.cdb is not None and ds.cdb.is_initialized():
-        ds.destroy_process_group()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -455,64 +314,6 @@ def best_losses(history: list[dict[str, Any]]) -> dict[str, float]:
         values = [h[key] for h in history if key in h]
         if values:
             out[name] = min(values)
-    return out
-
-
-def _status_mb(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB; None where there is no procfs."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-class MemoryWatch:
-    """The memory a run adds while it loads and trains, for the plan's estimate to be checked against.
-
-    On Linux the peak resident set (VmHWM) is reset where the run starts (``/proc/self/clear_refs``), so
-    an earlier run of the same process (``lora-exp run``, a sweep) does not hide this one's; the growth is
-    the peak minus the resident set at the start. GPU: PyTorch's peak allocation, reset likewise."""
-
-    def __init__(self) -> None:
-        self.base = _status_mb("VmRSS")
-        if not reset_peak_rss() and self.base is not None:
-            log.info("peak resident set cannot be reset here: peak_memory_growth_mb is measured from the "
-                         "process's lifetime peak (an earlier, larger run in this process would overstate it)")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-
-    def metrics(self) -> dict[str, float]:
-        """``peak_memory_growth_mb`` (CPU, where procfs has it) and ``peak_gpu_memory_mb`` since the start."""
-        out = {}
-        hwm = _status_mb("VmHWM")
-        if self.base is not None and hwm is not None:
-            out["peak_memory_growth_mb"] = hwm - self.base
-        out.update({k: v for k, v in peak_memory().items() if k == "peak_gpu_memory_mb"})
-        return out
-
-
-def reset_peak_rss() -> bool:
-    """Restart the peak resident set (VmHWM) from the current one (Linux); False where it cannot be."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory() -> dict[str, float]:
-    """``peak_cpu_memory_mb``: the peak resident set since this run started (VmHWM, reset at each job's start by
-    :func:`fresh_process_state`; elsewhere the process's lifetime peak, which in ``lora-exp run`` would give
-    every run after the largest that run's figure); ``peak_gpu_memory_mb``: PyTorch's peak allocation."""
-    hwm = _status_mb("VmHWM")
-    rss = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-        2**20 if sys.platform == "darwin" else 2**10)
-    out = {"peak_cpu_memory_mb": rss}
-    if torch.cuda.is_available():
-        out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 

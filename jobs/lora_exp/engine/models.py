@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from lora_exp.config.schema import ModelSpec
 from lora_exp.core.errors import UserError
-from lora_exp.core.layout import publish_permissions
+from lora_exp.core.layout import published
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +137,8 @@ def prepare_gguf_model(gguf: str | None, out: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None  # the weights are already dequantized float32 tensors
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    publish_permissions(tmp)
-    tmp.rename(dest)
+    with published(dest) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
     log.info("prepared %s (%d parameters)", dest, sum(p.numel() for p in model.parameters()))
     return dest

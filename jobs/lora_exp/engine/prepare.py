@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_exp.config.loading import Run
+from lora_exp.engine.data import DataInput, lineage, load_splits, subsample
+from lora_exp.engine.evaluation import import_reporting_libraries
+from lora_exp.engine.models import load_model, load_tokenizer
+from lora_exp.engine.trainer import seed_everything
 from lora_exp.formulations import Formulation, build_formulation
 from lora_exp.methods import Method, get_method
-from lora_exp.runtime.data import DataInput, lineage, load_splits, subsample
-from lora_exp.runtime.evaluation import import_reporting_libraries
-from lora_exp.runtime.models import load_model, load_tokenizer
-from lora_exp.runtime.trainer import seed_everything
 from lora_exp.tasks import Task, get_task
 
 log = logging.getLogger(__name__)

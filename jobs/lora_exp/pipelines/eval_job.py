@@ -13,14 +13,15 @@ from lora_exp.config.loading import Run
 from lora_exp.core import tags
 from lora_exp.core.errors import UserError
 from lora_exp.core.layout import RUN_KEY_FILE, TRACKING_DIR, RunDir, write_json
+from lora_exp.engine.artifacts import load_trained, locate_artifact
+from lora_exp.engine.data import lineage, load_splits, subsample
+from lora_exp.engine.evaluation import evaluate_splits, import_reporting_libraries
+from lora_exp.engine.models import load_tokenizer
+from lora_exp.engine.trainer import prediction_trainer
 from lora_exp.formulations import build_formulation
-from lora_exp.runtime.artifacts import load_trained, locate_artifact
-from lora_exp.runtime.data import lineage, load_splits, subsample
-from lora_exp.runtime.evaluation import evaluate_splits, import_reporting_libraries
-from lora_exp.runtime.models import load_tokenizer
-from lora_exp.runtime.tracking import mlflow_run, probe, run_tracking_uri, upload_pending
-from lora_exp.runtime.trainer import prediction_trainer
 from lora_exp.tasks import get_task
+from lora_exp.tracking.runs import mlflow_run, upload_pending
+from lora_exp.tracking.server import probe, run_tracking_uri
 
 log = logging.getLogger(__name__)
 

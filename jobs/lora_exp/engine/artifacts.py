@@ -10,14 +10,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lora_exp.config.loading import Run, parse_run_spec
-from lora_exp.config.schema import RunSpec, redact_uri
+from lora_exp.config.fields import redact_uri
+from lora_exp.config.loading import parse_run_spec
+from lora_exp.config.schema import RunSpec
 from lora_exp.core import tags
 from lora_exp.core.errors import SpecError, TrackerUnavailable, UserError
 from lora_exp.core.layout import SPEC_FILE
+from lora_exp.engine.models import load_model, load_tokenizer
 from lora_exp.formulations import Formulation, build_formulation
 from lora_exp.methods import get_method
-from lora_exp.runtime.models import load_model, load_tokenizer
 from lora_exp.tasks import Task, formulation_kind, get_task
 
 
@@ -30,16 +31,6 @@ def add_artifact_arguments(p: argparse.ArgumentParser, base_model: bool = False)
     src.add_argument("--model-path", help="a lora-exp artifact dir (e.g. outputs/<experiment>/<run>/final)")
     src.add_argument("--mlflow-run-id", help="the MLflow run whose 'model' artifact to use")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-
-
-def write_spec(run: Run, path: Path) -> Path:
-    """The resolved spec travels with every artifact (``SPEC_FILE``)."""
-    spec = run.spec.model_dump(mode="json")
-    if spec["tracking"].get("tracking_uri"):
-        spec["tracking"]["tracking_uri"] = redact_uri(spec["tracking"]["tracking_uri"])
-    doc = {"experiment": run.experiment, "run": run.name, "source": run.source, "spec": spec}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
 
 
 def read_spec(artifact: Path) -> RunSpec:

@@ -16,23 +16,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lora_exp.config.fields import tracking_scheme_problem
 from lora_exp.config.loading import Run, flatten
-from lora_exp.config.schema import RunSpec, tracking_scheme_problem
+from lora_exp.config.schema import RunSpec
+from lora_exp.core import hub
 from lora_exp.core.errors import SpecError, UserError
 from lora_exp.core.layout import SPEC_FILE
+from lora_exp.engine.data import validate_data
 from lora_exp.methods import get_method
 from lora_exp.metrics.generation import check_wordnet
-from lora_exp.runtime.data import validate_data
-from lora_exp.runtime.tracking import redact, tracking_uri
 from lora_exp.tasks import LM, formulation_kind, get_task
+from lora_exp.tracking.server import redact, tracking_uri
 
 # A saved tokenizer has at least one of these (fast tokenizers: tokenizer.json; slow ones: their vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
 # Where model configs keep the longest sequence the position embeddings allow.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-OFFLINE_HUB = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-OFFLINE_DATASETS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def preflight(run: Run) -> list[str]:
@@ -47,10 +47,6 @@ def preflight(run: Run) -> list[str]:
         check_wordnet()
     lines.append(check_hub_data(spec) or validate_data(spec))
     return lines
-
-
-def _offline(names: tuple[str, ...]) -> bool:
-    return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
 
 
 def is_local(name: str) -> bool:
@@ -164,9 +160,9 @@ def check_model(spec: RunSpec) -> str:
     else:
         config = cached_hub_config(name, spec.model.revision)
         where = f"{name} config.json (hub cache)"
-        if config is None and _offline(OFFLINE_HUB):
+        if config is None and hub.hub_offline():
             raise UserError(f"model.name: {name} is not in the local hub cache and the hub is off "
-                            f"({', '.join(n for n in OFFLINE_HUB if os.environ.get(n))}); fill the cache first "
+                            f"({hub.which(hub.HUB_VARIABLES)}); fill the cache first "
                             "(README: Air-gapped mode)")
     if config is not None:
         check_position_limit(spec, config, where)
@@ -196,7 +192,7 @@ def check_packages(spec: RunSpec) -> None:
 def check_model_sources(run: Run) -> None:
     """Artifacts named by path (an eval job's model, a distillation teacher) exist, are lora-exp artifacts
     and fit this run (formulation and labels)."""
-    from lora_exp.runtime.artifacts import read_spec
+    from lora_exp.engine.artifacts import read_spec
 
     spec = run.spec
     paths = [("eval.model_path", spec.eval.model_path)]
@@ -232,9 +228,9 @@ def check_hub_data(spec: RunSpec) -> str | None:
     if not path:
         raise SpecError(f"data: task {task.name!r} has no hub data set; give data.data_files")
     label = f"{path}{'/' + config if config else ''}"
-    if _offline(OFFLINE_DATASETS) and not hub_dataset_cached(path):
+    if hub.datasets_offline() and not hub_dataset_cached(path):
         raise UserError(f"data: hub data set {label} is not in the local cache and the hub is off "
-                        f"({', '.join(n for n in OFFLINE_DATASETS if os.environ.get(n))}); fill the cache first "
+                        f"({hub.which(hub.DATASETS_VARIABLES)}); fill the cache first "
                         "(README: Air-gapped mode)")
     return f"data: hub data set {label} (checked when the job loads it)"
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from lora_exp.core.allocator import SYSTEM, TCMALLOC, in_use
 from lora_exp.formulations import formulation_type
 from lora_exp.methods import get_method
-from lora_exp.runtime.architectures import model_config
+from lora_exp.planning.architectures import model_config
 from lora_exp.tasks import get_task
 
 if TYPE_CHECKING:
@@ -432,7 +432,7 @@ def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, a
     model, form, method = meta_model(spec, config, weights_dtype(spec, config), train, device)
     sixteen = device == "gpu" and t.precision != "fp32"
     if sixteen and t.precision in ("auto", "bf16") and not t.zero_stage and train:
-        from lora_exp.runtime.trainer import precast_frozen_weights
+        from lora_exp.methods.weights import precast_frozen_weights
 
         precast_frozen_weights(model, torch.bfloat16)  # as the trainer stores them
 

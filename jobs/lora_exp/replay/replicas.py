@@ -21,14 +21,13 @@ import hashlib
 import json
 import logging
 import random
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
 from lora_exp.core.errors import UserError
-from lora_exp.core.layout import publish_permissions, write_json
-from lora_exp.runtime.architectures import ALIASES, KNOWN_CONFIGS, known_config
+from lora_exp.core.layout import published, write_json
+from lora_exp.planning.architectures import ALIASES, KNOWN_CONFIGS, known_config
 from lora_exp.tasks.base import CLASSIFICATION, LM, QA, ClassificationTask, Task
 
 log = logging.getLogger(__name__)
@@ -127,14 +126,10 @@ def write_model(name: str, out: Path, shape: str, corpus: Iterable[str], seed: i
             if emb is not None:
                 emb.weight[len(tok):] = 0
     model.generation_config.pad_token_id = tok.eos_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    write_json(tmp / MARKER, {**made_from, "parameters": sum(p.numel() for p in model.parameters())})
-    publish_permissions(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with published(out) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        write_json(staging / MARKER, {**made_from, "parameters": sum(p.numel() for p in model.parameters())})
     return out
 
 

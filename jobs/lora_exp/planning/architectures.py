@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from lora_exp.core import hub
 from lora_exp.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -64,8 +65,7 @@ def known_config(name: str) -> Any | None:
 def hub_reachable() -> bool:
     """One quick TCP connect to the hub (``HF_ENDPOINT``), so an offline plan does not sit through the hub
     client's retries (half a minute per file); False when the hub is switched off."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in (
-            "", "0"):
+    if hub.hub_offline():
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # through a proxy a direct connect says nothing: the hub client finds out

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lora_exp.core import preemption
-from lora_exp.runtime.tracking import Tracker
+from lora_exp.tracking.spool import Tracker
 
 log = logging.getLogger("lora_exp.progress")
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_exp.config.schema import RunSpec
+from lora_exp.core import hub
 from lora_exp.core.errors import DataError, SpecError
 from lora_exp.tasks import Task, get_task
 
@@ -151,7 +151,7 @@ def check_local_split(spec: RunSpec, task: Task, split: str) -> SplitReport:
 
 def validate_data(spec: RunSpec) -> str:
     """Every row of the run's local data files (``data.data_files``), before anything loads them. Returns a
-    summary. Hub data sets are checked when they load (``runtime.preflight`` checks the offline cache)."""
+    summary. Hub data sets are checked when they load (``engine.preflight`` checks the offline cache)."""
     task = get_task(spec)
     if not spec.data.data_files:
         return "data: hub"
@@ -221,7 +221,7 @@ def load_hub_dataset(spec: RunSpec, task: Task) -> Any:
             raise DataError(f"data.hub_config: {e}") from None
         raise
     except ConnectionError as e:
-        if any(os.environ.get(n) for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        if hub.datasets_offline():
             raise DataError(f"data: {label} is not in the local cache and the hub is off: {e}") from None
         raise
 

@@ -13,12 +13,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lora_exp.core.tags import ENERGY
 
-if TYPE_CHECKING:  # the tracker starts these; importing it at run time would be circular
-    from lora_exp.runtime.tracking import Tracker
+
+class MetricSink(Protocol):
+    """Where samples go: the run's tracker (``lora_exp.tracking.spool.Tracker``), which starts and stops these."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+
+    def logged_steps(self) -> dict[str, int]: ...
 
 log = logging.getLogger(__name__)
 PREFIX = "system/"
@@ -69,7 +77,7 @@ def metric_prefix() -> str:
 class SystemMetrics:
     """A daemon thread: sample every ``interval`` seconds, log the aggregate through ``tracker``."""
 
-    def __init__(self, tracker: Tracker, interval: float) -> None:
+    def __init__(self, tracker: MetricSink, interval: float) -> None:
         self.tracker = tracker
         self.interval = interval
         self.prefix = metric_prefix()
