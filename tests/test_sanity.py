@@ -72,13 +72,14 @@ def test_head_only_trains_only_the_head(values):
 
 
 def _frozen_adapter(run):
-    from lora_exp.engine.prepare import prepare
-
-    p = prepare(run)
+    p = _real_prepare(run)
     for name, param in p.model.named_parameters():
         if "lora_" in name:
             param.requires_grad = False
     return p
+
+
+from lora_exp.engine.prepare import prepare as _real_prepare  # noqa: E402 - the one _frozen_adapter wraps
 
 
 def test_frozen_adapter_fails_trainable_and_gradient_flow(values, monkeypatch, capsys):
@@ -89,7 +90,7 @@ def test_frozen_adapter_fails_trainable_and_gradient_flow(values, monkeypatch, c
     assert checks["data"].status == PASS  # the data is fine: only the model is broken
 
     # The command exits SANITY_FAILED (the fault injected where the command builds its model).
-    monkeypatch.setattr("lora_exp.pipelines.sanity.prepare", _frozen_adapter)
+    monkeypatch.setattr("lora_exp.engine.prepare.prepare", _frozen_adapter)
     code = cli.main(["sanity", "-f", str(values), "--run", "lora", "--no-log", "--skip", "reproducible",
                      "--skip", "overfit"])
     assert code == SANITY_FAILED

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # a classification head): GPT-2's c_attn, c_proj, c_fc; Llama's q, k, v, o, gate, up, down projections; any
 # other architecture's own layers, with no table here to keep up to date.
 ALL_LINEAR = "all-linear"
+# all-linear spares the LM head but not a task head (a classifier's score, QA's qa_outputs): PEFT trains those
+# whole (modules_to_save), so they are kept out of the adapted layers.
+TASK_HEADS = ["score", "classifier", "qa_outputs"]
 # The Trainer also saves the tokenizer; the artifact reuses the base model's, so only the adapter is kept.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "training_args.bin")
@@ -64,6 +67,7 @@ class Lora(Method):
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
             target_modules=target_modules(m),
+            exclude_modules=TASK_HEADS if target_modules(m) == ALL_LINEAR else None,
             fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed)
         )
         try:
