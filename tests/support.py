@@ -169,6 +169,19 @@ def mlflow_client(tmp: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
 
 
+def assert_pinned_losses(tmp: Path, name: str, pinned: dict[str, list[float]], steps: int) -> None:
+    """The one run of experiment ``toy`` in ``tmp``'s store logged these losses, step by step, to 1e-4 (printed,
+    for a deliberate re-pin: ``pytest -s``)."""
+    import pytest
+
+    client = mlflow_client(tmp)
+    (mrun,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    losses = [m.value for m in sorted(client.get_metric_history(mrun.info.run_id, "loss"), key=lambda m: m.step)]
+    print(f"\n{name!r}: {[round(v, 6) for v in losses]},")
+    assert len(losses) == steps
+    assert losses == pytest.approx(pinned[name], abs=1e-4)
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on (bound, then released)."""
     with socket.socket() as sock:

@@ -134,3 +134,93 @@ def test_train_run_registers_its_artifact_when_the_spec_asks(tmp_path, tiny_gpt2
     assert version.tags["method"] == "lora" and not [k for k in version.tags if k.startswith("system/")]
     train(run)  # a rerun of the finished run registers nothing more
     assert len(client.search_model_versions("name = 'toy-lora'")) == 1
+
+
+def _trained(tmp_path, model, toy_data, formulation: str = "verbalizer", method: dict | None = None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    values = write_values(tmp_path, experiment(model, toy_data, tmp_path, formulation={"kind": formulation},
+                                               training={"learning_rate": 5e-2},
+                                               runs={"lora": {"method": method or {"name": "lora", "r": 4}}}))
+    (run,) = resolve_runs(values)
+    train(run)
+    return run.output_dir / "final"
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_gguf_export_is_read_back_with_llama_cpp_names_shapes_and_weights(arch, request, tmp_path, toy_data):
+    """--format gguf: the gguf package (llama.cpp's) reads the file back: architecture, hyper-parameters, the
+    tokenizer, every tensor under its llama.cpp name with the merged model's values (Llama's q/k rows permuted
+    into llama.cpp's rotary layout, GPT-2's Conv1D weights transposed)."""
+    import gguf
+    import numpy as np
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_exp.pipelines.gguf_file import permute
+
+    model_dir = request.getfixturevalue(arch)
+    adapter = _trained(tmp_path, model_dir, toy_data)
+    out = tmp_path / "gguf"
+    proc = run_cli("export", "--model-path", str(adapter), "--out", str(out), "--format", "gguf",
+                   "--gguf-dtype", "f32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    kind = "llama" if arch == "tiny_llama" else "gpt2"
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == kind
+    assert int(reader.fields[f"{kind}.block_count"].parts[-1][0]) == 2
+    tensors = {t.name: t for t in reader.tensors}
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).merge_and_unload()
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == merged.config.vocab_size  # one token per row
+    sd = merged.state_dict()
+    if kind == "llama":
+        cfg = merged.config
+        assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.1.attn_q.weight",
+                "blk.1.attn_k.weight", "blk.1.ffn_gate.weight", "blk.1.ffn_down.weight"} <= set(tensors)
+        q = sd["model.layers.1.self_attn.q_proj.weight"].numpy()
+        got = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(q.shape)
+        np.testing.assert_allclose(got, permute(q, cfg.num_attention_heads), atol=1e-6)
+        assert not np.allclose(got, q)  # really permuted
+        down = sd["model.layers.0.mlp.down_proj.weight"].numpy()
+        np.testing.assert_allclose(np.asarray(tensors["blk.0.ffn_down.weight"].data).reshape(down.shape), down,
+                                   atol=1e-6)
+    else:
+        assert {"token_embd.weight", "position_embd.weight", "output.weight", "blk.0.attn_qkv.weight",
+                "blk.0.attn_qkv.bias", "blk.1.ffn_up.weight", "output_norm.bias"} <= set(tensors)
+        qkv = sd["transformer.h.0.attn.c_attn.weight"].numpy()  # Conv1D: (in, out)
+        np.testing.assert_allclose(np.asarray(tensors["blk.0.attn_qkv.weight"].data).reshape(qkv.T.shape), qkv.T,
+                                   atol=1e-6)
+    assert not any(name.endswith(("attn.bias", "masked_bias")) and "attn_" not in name for name in tensors)
+
+
+def test_adapter_export_is_what_vllm_loads_and_refuses_what_it_cannot_serve(tmp_path, tiny_llama, toy_data):
+    import json
+
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    adapter = _trained(tmp_path / "lm", tiny_llama, toy_data)
+    out = tmp_path / "vllm"
+    proc = run_cli("export", "--model-path", str(adapter), "--out", str(out), "--format", "adapter", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == (
+        "LORA", "CAUSAL_LM", str(tiny_llama))
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 - a safetensors file is not iterable
+    assert keys and all(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    ids = torch.tensor([[5, 17, 42, 9, 33, 2]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter)(ids).logits
+        got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)(ids).logits
+    assert torch.allclose(got, want)
+
+    head = _trained(tmp_path / "cls", tiny_llama, toy_data, formulation="classifier")
+    refused = run_cli("export", "--model-path", str(head), "--out", str(tmp_path / "no"), "--format", "adapter",
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and "task head" in refused.stdout + refused.stderr and not (tmp_path / "no").exists()
+    dora = _trained(tmp_path / "dora", tiny_llama, toy_data, method={"name": "lora", "r": 4, "use_dora": True})
+    refused = run_cli("export", "--model-path", str(dora), "--out", str(tmp_path / "no"), "--format", "adapter",
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and "DoRA" in refused.stdout + refused.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from lora_exp.config.loading import resolve_runs
 from lora_exp.engine.fit import train_run as train
-from support import experiment, mlflow_client, qa_rows, text_rows, write_jsonl, write_values
+from support import assert_pinned_losses, experiment, qa_rows, text_rows, write_jsonl, write_values
 
 STEPS = 4
 PINNED: dict[str, list[float]] = {  # recorded with torch 2.13.0+cpu, transformers 5.23.0, peft 0.21.2
@@ -44,9 +44,4 @@ def _spec(formulation: str, tmp, model, toy_data) -> dict:
 def test_losses_after_a_few_steps_are_pinned(formulation, tmp_path, tiny_gpt2, toy_data):
     (run,) = resolve_runs(write_values(tmp_path, _spec(formulation, tmp_path, tiny_gpt2, toy_data)))
     train(run)
-    client = mlflow_client(tmp_path)
-    (mrun,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
-    losses = [m.value for m in sorted(client.get_metric_history(mrun.info.run_id, "loss"), key=lambda m: m.step)]
-    print(f"\n{formulation!r}: {[round(v, 6) for v in losses]},")
-    assert len(losses) == STEPS
-    assert losses == pytest.approx(PINNED[formulation], abs=1e-4)
+    assert_pinned_losses(tmp_path, formulation, PINNED, STEPS)

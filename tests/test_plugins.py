@@ -76,7 +76,7 @@ def test_registration_refuses_a_clash(bitfit):
 
 
 def test_a_method_from_this_file_validates_trains_passes_sanity_and_is_compared(bitfit, tiny_gpt2, toy_data,
-                                                                                 tmp_path, monkeypatch):
+                                                                                 tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     schema = json_schema()
     method_choices = schema["$defs"]["PartialRunSpec"]["properties"]["method"]["anyOf"]
@@ -90,6 +90,13 @@ def test_a_method_from_this_file_validates_trains_passes_sanity_and_is_compared(
     bad = write_values(tmp_path, experiment(tiny_gpt2, toy_data, tmp_path, runs={
         "bitfit": {"method": {"name": "bitfit", "train_hed": False}}}), name="bad.yaml")
     assert cli.main(["validate", "-f", str(bad)]) == errors.USER_ERROR  # its own fields are strict too
+
+    profiles = tmp_path / "profiles.yaml"  # and lora-exp plan estimates it, from the method's own apply
+    profiles.write_text("profiles:\n  big: {gpus: 1, gpuMemoryGiB: 16, nodes: 1}\n")
+    capsys.readouterr()
+    assert cli.main(["plan", "-f", str(values), "--profiles", str(profiles), "--profile", "big"]) == errors.OK
+    planned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bitfit ")]
+    assert planned and "fits" in planned[0]
 
     assert cli.main(["train", "-f", str(values)]) == errors.OK
     client = mlflow_client(tmp_path)

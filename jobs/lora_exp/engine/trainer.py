@@ -17,6 +17,7 @@ from lora_exp.core.errors import UserError
 from lora_exp.engine.callbacks import MlflowMetrics, Preemption, ProgressLogger
 from lora_exp.engine.process import single_process_launch
 from lora_exp.formulations import Formulation
+from lora_exp.methods import get_method
 from lora_exp.methods.weights import precast_frozen_weights
 from lora_exp.tracking.spool import Tracker
 
@@ -51,16 +52,27 @@ class LoraExpTrainer(Trainer):
     (``train_collator``; evaluation keeps padded batches, whose per-example outputs it gathers)."""
 
     def __init__(self, *args: Any, form: Formulation | None = None, train_collator: Any = None,
-                 compile_blocks: bool = False, **kwargs: Any) -> None:
+                 compile_blocks: bool = False, make_optimizer: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.form = form
         self.train_collator = train_collator
         self.compile_blocks = compile_blocks
+        self.make_optimizer = make_optimizer  # (model, optimizer class, its kwargs) -> an optimizer, or None
         self.compiled = 0
         if self.args.bf16 and not self.is_deepspeed_enabled:  # DeepSpeed keeps its own bf16 copies
             n = precast_frozen_weights(self.model, torch.bfloat16)
             if n:
                 log.info("bf16 autocast: %d frozen matmul weights stored in bf16 (cast once, not per call)", n)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """The method's own optimizer where it has one (LoRA+), else the Trainer's."""
+        current: Any = self.optimizer  # type: ignore[has-type]
+        if current is None and self.make_optimizer is not None:
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            current = self.optimizer = self.make_optimizer(self.model, cls, kwargs)
+        if current is None:
+            return super().create_optimizer(model)
+        return current
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.compile_blocks and not self.compiled:
@@ -153,6 +165,7 @@ def build_trainer(spec: RunSpec, model: Any, form: Formulation, tokenizer: Any, 
         form=form,
         train_collator=form.packing_collator() if spec.training.packing else None,
         compile_blocks=spec.training.torch_compile,
+        make_optimizer=lambda m, cls, kw: get_method(spec.method.name).optimizer(m, cls, kw, spec),
         model=model,
         args=args,
         train_dataset=train_ds,

@@ -72,6 +72,11 @@ class Method:
         made it): each parameter in its dtype by default."""
         return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 
+    def optimizer(self, model: Any, optimizer_cls: Any, optimizer_kwargs: dict[str, Any], spec: RunSpec) -> Any:
+        """The optimizer the method trains with, or None for the Trainer's own (``training``'s AdamW):
+        ``optimizer_cls``/``optimizer_kwargs`` are what the Trainer would use (LoRA+ groups B apart)."""
+        return None
+
     def save(self, trainer: Any, out_dir: str) -> None:
         """Write the run's artifact: only what the method trained (adapter, head, or the full model).
         Called on every rank: ``trainer.save_model`` gathers ZeRO-3 shards and writes on rank 0."""

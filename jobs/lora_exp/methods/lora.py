@@ -1,7 +1,15 @@
-"""LoRA through PEFT: low-rank adapters on the projections; the artifact is the adapter alone."""
+"""LoRA through PEFT: low-rank adapters on the projections; the artifact is the adapter alone.
+
+The variants the literature moved on to are fields of the same method, each one PEFT switch: DoRA
+(``use_dora``), rsLoRA (``use_rslora``), PiSSA/OLoRA/orthogonal/gaussian initialisation (``init``), per-layer
+ranks and alphas (``rank_pattern``, ``alpha_pattern``) and LoRA+ (``loraplus_lr_ratio``, PEFT's
+``create_loraplus_optimizer``). QLoRA has them too (its spec extends :class:`LoraFields`)."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
@@ -37,12 +45,42 @@ class LoraFields(MethodSpec):
         description="Module names to adapt. Default: every linear layer but the output layer (PEFT's "
         "'all-linear'): GPT-2 c_attn, c_proj, c_fc; Llama q, k, v, o, gate, up, down _proj; any architecture.",
     )
+    use_dora: bool = Field(
+        False, description="DoRA (Liu et al., 2024): each adapted weight split into a magnitude vector and a "
+        "direction that LoRA updates; often better at low rank, each step slower.")
+    use_rslora: bool = Field(
+        False, description="rsLoRA (Kalajdzievski, 2023): scale the update by alpha/sqrt(r) instead of alpha/r, so "
+        "that higher ranks keep learning.")
+    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = Field(
+        "default", description="How the adapter starts. default: B = 0 (the model unchanged at step 0); gaussian; "
+        "pissa (Meng et al., 2024: the weight's principal singular directions, the base keeps the rest); olora "
+        "(QR); orthogonal. PiSSA and OLoRA change the base weights: the saved adapter is converted to load onto "
+        "the original base.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-layer ranks by module name or regex, e.g. {'down_proj': 16}.")
+    alpha_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-layer alphas by module name or regex.")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1.0, description="LoRA+ (Hayou et al., 2024): B's learning rate this many times A's (the paper: "
+        "16); training.learning_rate is A's.")
 
 
 class LoraSpec(LoraFields):
     """LoRA adapters (PEFT) on the attention/MLP projections; the base stays frozen."""
 
     name: Literal["lora"]
+
+
+# PiSSA and OLoRA move the weight's principal part into the adapter: the base is changed, and an adapter saved
+# as trained only fits that changed base. PEFT converts it at save time against the adapter as initialised.
+CONVERTED_INITS = ("pissa", "olora")
+INITIAL_ADAPTER = "lora_exp_initial_adapter"  # attribute of the PeftModel: where its initial adapter is saved
+
+
+def task_heads(model: Any) -> list[str] | None:
+    """The task heads this model has (none for a causal LM: all-linear spares its LM head itself)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [h for h in TASK_HEADS if h in names] or None
 
 
 def target_modules(m: LoraFields) -> list[str] | str:
@@ -56,7 +94,21 @@ class Lora(Method):
     label: ClassVar[str] = "LoRA"
     report_order: ClassVar[int] = 20
 
+    def check_spec(self, spec: RunSpec) -> None:
+        super().check_spec(spec)
+        m = cast(LoraFields, spec.method)
+        if m.init in CONVERTED_INITS and spec.training.zero_stage == 3:
+            raise SpecError(f"method.init: {m.init} converts the adapter against the base's full weights at save, "
+                            "which ZeRO-3 partitions; use init default or gaussian, or zero_stage 0/2")
+
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        return self._apply(model, spec, task_type, cast(LoraFields, spec.method).init)
+
+    def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        # The same adapters; how they start costs no memory (and a meta model has no weights to decompose).
+        return self._apply(model, spec, task_type, "default")
+
+    def _apply(self, model: Any, spec: RunSpec, task_type: str, init: str) -> Any:
         from peft import LoraConfig, get_peft_model
 
         m = cast(LoraFields, spec.method)
@@ -67,18 +119,45 @@ class Lora(Method):
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
             target_modules=target_modules(m),
-            exclude_modules=TASK_HEADS if target_modules(m) == ALL_LINEAR else None,
+            exclude_modules=task_heads(model) if target_modules(m) == ALL_LINEAR else None,
             fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed)
+            use_dora=m.use_dora,
+            use_rslora=m.use_rslora,
+            init_lora_weights=True if init == "default" else init,
+            rank_pattern=dict(m.rank_pattern),
+            alpha_pattern=dict(m.alpha_pattern),
         )
         try:
-            return get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
         except ValueError as e:  # e.g. a target module that does not exist in this model
             raise SpecError(f"method.target_modules: {e}") from None
+        if init in CONVERTED_INITS:
+            initial = tempfile.mkdtemp(prefix="lora-exp-initial-adapter-")
+            atexit.register(shutil.rmtree, initial, ignore_errors=True)
+            peft_model.save_pretrained(initial)
+            setattr(peft_model, INITIAL_ADAPTER, initial)
+        return peft_model
+
+    def optimizer(self, model: Any, optimizer_cls: Any, optimizer_kwargs: dict[str, Any], spec: RunSpec) -> Any:
+        m = cast(LoraFields, spec.method)
+        if m.loraplus_lr_ratio is None:
+            return None
+        from peft.optimizers import create_loraplus_optimizer
+
+        kwargs = {k: v for k, v in optimizer_kwargs.items() if k != "lr"}
+        return create_loraplus_optimizer(model, optimizer_cls, lr=optimizer_kwargs["lr"],
+                                         loraplus_lr_ratio=m.loraplus_lr_ratio,
+                                         weight_decay=spec.training.weight_decay, **kwargs)
 
     def save(self, trainer: Any, out_dir: str) -> None:
         # For a PeftModel, save_model writes adapter_model.safetensors + adapter_config.json only (plus a
         # SEQ_CLS head, which is trained too); the frozen base weights are never copied.
-        trainer.save_model(out_dir)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        initial = getattr(model, INITIAL_ADAPTER, None)
+        if initial is None:
+            trainer.save_model(out_dir)
+        elif trainer.is_world_process_zero():  # PiSSA/OLoRA: an adapter for the original base (rank 2r)
+            model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial)
         for name in TOKENIZER_FILES:
             (Path(out_dir) / name).unlink(missing_ok=True)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from pydantic import Field
 
 from lora_exp.config.schema import MethodSpec
-from lora_exp.core.errors import UserError
+from lora_exp.core.errors import SpecError, UserError
 from lora_exp.methods.base import register_method
 from lora_exp.methods.lora import Lora, LoraFields
 
@@ -33,6 +33,13 @@ class QLora(Lora):
     label: ClassVar[str] = "QLoRA"
     report_order: ClassVar[int] = 30
     packages: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
+
+    def check_spec(self, spec: RunSpec) -> None:
+        super().check_spec(spec)
+        init = cast(QLoraSpec, spec.method).init
+        if init not in ("default", "gaussian"):
+            raise SpecError(f"method.init: {init} decomposes the base's full-precision weights, which QLoRA loads in "
+                            "4 bits; use method lora for it, or init default/gaussian")
 
     def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         import torch
@@ -66,7 +73,7 @@ class QLora(Lora):
 
     def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         # The adapters as LoRA adds them; the 4-bit storage of the base is counted by weight_bytes.
-        return super().apply(model, spec, task_type)
+        return self._apply(model, spec, task_type, "default")
 
     def weight_bytes(self, model: Any, spec: RunSpec) -> float:
         """bitsandbytes stores each frozen Linear (and GPT-2 Conv1D) weight, the LM head and task heads excepted,
