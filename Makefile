@@ -29,8 +29,8 @@ help:
 	@echo "make image-test - run the chart's rendered pods from them: offline smoke, MLflow on PostgreSQL, 2-pod torchrun"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
-# From Debian, what the tests need and the demo does not: METEOR's WordNet (nltk would download it), and
-# tcmalloc, which CPU jobs run on where it is installed (lora_exp.core.allocator; the tests hold the memory
+# From Debian, what the tests and the seed replays need and the demo does not: METEOR's WordNet (nltk would
+# download it; seed 003 scores with METEOR, so `make seeds` installs it first, not 23 minutes in), and tcmalloc, which CPU jobs run on where it is installed (lora_exp.core.allocator; the tests hold the memory
 # plan to 20% on it). Needs root; elsewhere install them by hand.
 SYSTEM_PACKAGES := wordnet-base wordnet-sense-index libtcmalloc-minimal4
 .PHONY: system-packages
@@ -74,7 +74,7 @@ bench-gpu: setup model
 
 # The seed replays (lora-exp replay, docs/seeds.md): real shapes up to gpt2-large, TinyLlama scaled down, 2 steps
 # per train run, on CPU. On a GPU machine: make seeds SEEDS_ARGS="--shape full --steps 20".
-seeds: setup
+seeds: setup system-packages
 	$(LORA_EXP) replay --out outputs/seeds $(SEEDS_ARGS)
 
 # The GPU check (issue 21): lora-exp against the reference on the check's workloads and every seed at full

@@ -127,9 +127,12 @@ class Job:
     """``python -m lora_exp <command>`` as a subprocess whose log lines can be waited for as they come."""
 
     def __init__(self, values: Path, cwd: Path, env: dict[str, str] | None = None, command: str = "train",
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, launcher: list[str] | None = None) -> None:
+        """``launcher``: what runs the module, e.g. ``["-m", "torch.distributed.run", "--nproc-per-node", "2"]``
+        (a signal to the job then goes to torchrun, which passes it to its workers, as in a pod)."""
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "lora_exp", command, "-f", str(values), *(args or [])],
+        self.proc = subprocess.Popen([sys.executable, *(launcher or []), "-m", "lora_exp", command, "-f", str(values),
+                                      *(args or [])],
                                      cwd=cwd,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

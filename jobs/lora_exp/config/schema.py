@@ -222,9 +222,16 @@ class TrainingSpec(Strict):
     logging_steps: int = Field(10, ge=1)
     early_stopping: EarlyStoppingSpec | None = None
     zero_stage: Literal[0, 2, 3] = Field(
-        0, description="DeepSpeed ZeRO stage (0 = off). Shards optimizer state (2) and parameters (3) across GPUs."
+        0, description="What is sharded across the processes (0 = nothing): gradients and optimizer state (2), "
+        "parameters too (3), by the backend `sharding` names. Under FSDP2, 3 is full sharding and 2 keeps the "
+        "parameters gathered from forward to backward (reshard_after_forward false).",
     )
-    zero_offload: bool = Field(False, description="ZeRO: keep optimizer state (and stage-3 parameters) in CPU memory.")
+    sharding: Literal["zero", "fsdp"] = Field(
+        "zero", description="The sharding backend for zero_stage 2/3: DeepSpeed ZeRO, or PyTorch FSDP2 "
+        "(fully_shard, through accelerate; one block per shard unit, full state dict saved).",
+    )
+    zero_offload: bool = Field(False, description="Keep optimizer state (and stage-3 parameters) in CPU memory "
+                               "(ZeRO offload; FSDP2 CPU offload).")
     seed: int = 42
 
     @model_validator(mode="after")
@@ -235,6 +242,9 @@ class TrainingSpec(Strict):
             raise ValueError("eval_strategy 'steps' needs eval_steps")
         if self.save_strategy == "steps" and self.save_steps is None:
             raise ValueError("save_strategy 'steps' needs save_steps")
+        if self.sharding == "fsdp" and not self.zero_stage:
+            raise ValueError("sharding fsdp shards at zero_stage 2 (gradients, optimizer state) or 3 (parameters "
+                             "too): set zero_stage")
         if self.early_stopping and self.eval_strategy == "no":
             raise ValueError("early_stopping needs an eval_strategy other than 'no'")
         if self.early_stopping and (self.save_strategy, self.save_steps) != (self.eval_strategy, self.eval_steps):

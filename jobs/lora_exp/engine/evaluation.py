@@ -59,8 +59,8 @@ def ready_for_inference(trainer: Any) -> list[str]:
     stored in the autocast dtype (:func:`precast_frozen_weights`, bit-identical to autocast's own casts).
     On a GPU the forward of a batch is bound by the host's per-operation cost, which this roughly halves for
     LoRA. Eval jobs do the same, so a train run's final evaluation and an eval job of its artifact agree.
-    Not under DeepSpeed (its weights are partitioned). Returns what was done."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
+    Not under DeepSpeed or FSDP (their weights are partitioned). Returns what was done."""
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
         return []
     done = []
     model = trainer.model

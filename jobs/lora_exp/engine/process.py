@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def single_process_launch() -> None:
-    """DeepSpeed needs a launcher's environment; without torchrun (a single-GPU Job, a laptop) it would look
+    """DeepSpeed and FSDP need a launcher's environment; without torchrun (a single-GPU Job, a laptop) it would look
     for MPI. One process is a world of one: say so the way torchrun would."""
     if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
         return
@@ -28,7 +28,7 @@ def single_process_launch() -> None:
         port = sock.getsockname()[1]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"})
-    log.info("DeepSpeed without a launcher: running as a single-process world")
+    log.info("sharding without a launcher: running as a single-process world")
 
 
 @contextlib.contextmanager

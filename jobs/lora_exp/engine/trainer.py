@@ -59,10 +59,37 @@ class LoraExpTrainer(Trainer):
         self.compile_blocks = compile_blocks
         self.make_optimizer = make_optimizer  # (model, optimizer class, its kwargs) -> an optimizer, or None
         self.compiled = 0
-        if self.args.bf16 and not self.is_deepspeed_enabled:  # DeepSpeed keeps its own bf16 copies
+        if form is not None and not form.loss_counts_items:
+            # transformers infers this from the forward's **kwargs; a classification head takes them and ignores
+            # the count, and its loss came out multiplied by the process count (and by the accumulation steps).
+            self.model_accepts_loss_kwargs = False
+        if self.args.bf16 and not self.sharded:  # DeepSpeed and FSDP keep their own copies
             n = precast_frozen_weights(self.model, torch.bfloat16)
             if n:
                 log.info("bf16 autocast: %d frozen matmul weights stored in bf16 (cast once, not per call)", n)
+
+    @property
+    def sharded(self) -> bool:
+        """DeepSpeed or FSDP holds the weights (partitioned, in its own dtypes): nothing may recast them."""
+        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """accelerate turns FSDP on only for accelerator devices; on CPU processes (gloo) it silently falls
+        back to DDP. PyTorch's FSDP2 runs there as it does on GPUs, so a CPU world gets it as asked (what the
+        tests, and a CPU pod, run): the same plugin, set on the shared state as accelerate would set it."""
+        super().create_accelerator_and_postprocess()
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does: both states
+        self.is_fsdp_enabled = True
 
     def create_optimizer(self, model: Any = None) -> Any:
         """The method's own optimizer where it has one (LoRA+), else the Trainer's."""
@@ -96,7 +123,7 @@ class LoraExpTrainer(Trainer):
         unwrapped model (causal_lm's generation samples) would run without autocast, where the frozen
         weights stored in bf16 (``precast_frozen_weights``) need it. DeepSpeed manages its own dtypes."""
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        if dtype is None or self.is_deepspeed_enabled:
+        if dtype is None or self.sharded:
             return contextlib.nullcontext()
         return torch.autocast(self.args.device.type, dtype=dtype, cache_enabled=cache_enabled)
 
@@ -215,6 +242,13 @@ def describe_parallelism(trainer: Any) -> None:
     state = trainer.accelerator.state
     plugin = getattr(state, "deepspeed_plugin", None)
     zero = f", DeepSpeed ZeRO stage {plugin.zero_stage}" if plugin is not None else ""
+    fsdp = getattr(state, "fsdp_plugin", None)
+    if fsdp is not None:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offload = isinstance(fsdp.cpu_offload, CPUOffloadPolicy)
+        zero = (f", FSDP{fsdp.fsdp_version} {'full shard' if fsdp.reshard_after_forward else 'shard grad op'}"
+                f"{' with CPU offload' if offload else ''}")
     log.info("processes: %d (%s, backend %s)%s", state.num_processes, state.distributed_type.value,
              state.backend, zero)
 
@@ -253,9 +287,19 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def fsdp_config(t: TrainingSpec) -> dict[str, Any] | None:
+    """FSDP2 settings for the Trainer's accelerate integration: the stage says whether parameters reshard after
+    forward; each of the model's repeated blocks (its ``_no_split_modules``) is one shard unit; the full state
+    dict is saved, so the artifact is one model as with ZeRO-3. Gradient checkpointing is FSDP's own."""
+    if not t.zero_stage or t.sharding != "fsdp":
+        return None
+    return {"version": 2, "reshard_after_forward": t.zero_stage == 3, "cpu_offload": t.zero_offload,
+            "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": t.gradient_checkpointing}
+
+
 def deepspeed_config(t: TrainingSpec) -> dict[str, Any] | None:
     """ZeRO settings for the Trainer's DeepSpeed integration; "auto" lets the Trainer fill in the rest."""
-    if not t.zero_stage:
+    if not t.zero_stage or t.sharding != "zero":
         return None
     zero: dict[str, Any] = {"stage": t.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if t.zero_offload:
@@ -281,6 +325,7 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
     if t.zero_stage:
         single_process_launch()
     precision = resolve_precision(t.precision)
+    fsdp = fsdp_config(t)
     es = t.early_stopping
     return TrainingArguments(
         output_dir=str(out),
@@ -296,7 +341,7 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
         max_grad_norm=t.max_grad_norm,
         fp16=precision == "fp16",
         bf16=precision == "bf16",
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing and not fsdp,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         eval_strategy=t.eval_strategy if has_eval else "no",
         eval_steps=t.eval_steps,
@@ -312,6 +357,8 @@ def training_arguments(spec: RunSpec, out: Path, has_eval: bool) -> Any:
         report_to="none",
         disable_tqdm=True,
         deepspeed=deepspeed_config(t),
+        fsdp=fsdp is not None,
+        fsdp_config=fsdp,
         dataloader_num_workers=0,
         use_liger_kernel=t.liger_kernels,
         dataloader_pin_memory=_cuda(),

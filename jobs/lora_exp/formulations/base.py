@@ -34,6 +34,11 @@ class Formulation(Protocol):
     model_class: ClassVar[str]  # the transformers Auto class that loads the base model
     peft_task_type: ClassVar[str]  # PEFT's TaskType for LoRA
     prediction_loss_only: ClassVar[bool]  # in-training evaluation reports only the loss (QA, LM)
+    # The training loss is normalised by the Trainer's item count (num_items_in_batch) across processes and
+    # accumulation steps. False where it is a mean of its own batch whatever it is given (transformers'
+    # sequence-classification heads): the Trainer then must neither scale it by the process count nor skip
+    # dividing it by the accumulation steps, or losses and gradients grow with both.
+    loss_counts_items: ClassVar[bool]
 
     def tokenize(self, ds: Any) -> Any:
         """Model inputs (with ``labels``) for training and in-training evaluation."""
@@ -151,6 +156,7 @@ class NoTrainingMetrics:
 
     kind: ClassVar[str]
     prediction_loss_only: ClassVar[bool] = True
+    loss_counts_items: ClassVar[bool] = True
 
     @classmethod
     def training_metrics(cls, task: Any) -> tuple[str, ...]:

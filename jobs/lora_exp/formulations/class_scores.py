@@ -36,6 +36,7 @@ class ClassificationFormulation:
 
     task_kinds: ClassVar[tuple[str, ...]] = (CLASSIFICATION,)
     prediction_loss_only: ClassVar[bool] = False
+    loss_counts_items: ClassVar[bool] = True
     kind: ClassVar[str]
     task: ClassificationTask
 

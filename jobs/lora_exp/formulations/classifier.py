@@ -28,6 +28,7 @@ class Classifier(ClassificationFormulation):
     has_head: ClassVar[bool] = True
     model_class: ClassVar[str] = "AutoModelForSequenceClassification"
     peft_task_type: ClassVar[str] = "SEQ_CLS"
+    loss_counts_items: ClassVar[bool] = False  # the head's loss is its batch's mean (transformers ignores the count)
 
     @classmethod
     def memory_probe(cls, model: Any, batch: int, length: int) -> Any:

@@ -452,29 +452,37 @@ def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, a
         ev, steps = step_peaks(spec, device, train, model, form, length)
     train_peak, kept = steps.steady, steps.kept
     activations = max(0.0, steps.forward_backward - grads) if train else 0.0
-    # ZeRO (not runnable here) shards what the probe saw whole: gradients and optimizer state (stage 2, 3) and
-    # the weights (3) over the run's GPUs; under 16-bit precision DeepSpeed holds the weights in 16 bits plus
-    # an fp32 master copy (sharded); offload moves the optimizer state and master copy to host memory.
+    # ZeRO and FSDP2 shard what the probe saw whole: gradients and optimizer state (stage 2, 3) and the weights
+    # (3) over the run's processes; offload moves the optimizer state (and the weights) to host memory.
     master = 0.0
     if train and t.zero_stage:
-        # DeepSpeed's optimizer keeps fp32 gradient partitions and fp32 moments whatever the model's dtype,
-        # and an fp32 master copy of 16-bit weights.
         shards = max(1, gpus)
         numel = sum(p.numel() for p in trainable)
-        half = sixteen or any(p.element_size() < 4 for p in trainable)
-        master = numel * MASTER_BYTES / shards if half else 0.0
         probed = grads + optim
+        # Both keep fp32 gradient partitions and fp32 moments whatever the model's dtype.
         grads, optim = numel * 4 / shards, numel * 8 / shards
+        if t.sharding == "fsdp":
+            # FSDP2 keeps each parameter sharded in fp32 (accelerate upcasts it under mixed precision: no
+            # separate master copy) and gathers it in the compute dtype: a block at a time plus the prefetched
+            # next one (stage 3), or every block from forward to backward (stage 2).
+            total = float(sum(p.numel() for p in model.parameters()))
+            layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 1
+            gathered = total * (2 if sixteen else 4) * (min(1.0, 2 / layers) if t.zero_stage == 3 else 1.0)
+            weights = (0.0 if t.zero_offload else total * 4 / shards) + gathered
+        else:
+            # DeepSpeed holds 16-bit weights beside an fp32 master copy (sharded) of them.
+            half = sixteen or any(p.element_size() < 4 for p in trainable)
+            master = numel * MASTER_BYTES / shards if half else 0.0
+            if sixteen:
+                weights = float(sum(p.numel() for p in model.parameters())) * 2
+            if t.zero_stage == 3:
+                weights = 0.0 if t.zero_offload else weights / shards
         state = grads + optim
         if t.zero_offload:
             state, optim, master = grads, 0.0, 0.0
-            notes.append("ZeRO offload: optimizer state and master weights in host memory")
+            notes.append("offload: optimizer state and master weights in host memory")
         train_peak = max(0.0, train_peak - probed) + state
         kept = optim
-        if sixteen:
-            weights = float(sum(p.numel() for p in model.parameters())) * 2
-        if t.zero_stage == 3:
-            weights = 0.0 if t.zero_offload else weights / shards
     if device == "cpu":  # the resident set as the allocator keeps the live bytes
         factor = CPU_RESIDENT_FACTOR[allocator]
         train_peak *= factor
