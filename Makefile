@@ -30,7 +30,8 @@ help:
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
 
 # From Debian, what the tests and the seed replays need and the demo does not: METEOR's WordNet (nltk would
-# download it; seed 003 scores with METEOR, so `make seeds` installs it first, not 23 minutes in), and tcmalloc, which CPU jobs run on where it is installed (lora_exp.core.allocator; the tests hold the memory
+# download it; seed 003 scores with METEOR, so `make seeds` installs it first, not 23 minutes in), and
+# tcmalloc, which CPU jobs run on where it is installed (lora_exp.core.allocator; the tests hold the memory
 # plan to 20% on it). Needs root; elsewhere install them by hand.
 SYSTEM_PACKAGES := wordnet-base wordnet-sense-index libtcmalloc-minimal4
 .PHONY: system-packages
