@@ -22,6 +22,40 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1)]
 
+# MLflow's own limits (mlflow.utils.validation): a longer key is refused by the server mid-run, a longer param
+# or tag value is cut without a word. Checked in the spec, before anything runs.
+MLFLOW_KEY_LENGTH, MLFLOW_PARAM_LENGTH, MLFLOW_TAG_LENGTH, MLFLOW_EXPERIMENT_LENGTH = 250, 6000, 8000, 500
+MLFLOW_MAX_TAGS = 100  # what one batch call takes
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.\-/: ]{1,250}$"  # MLflow's key alphabet (slashes and colons for namespaces)
+
+
+def _shown(value: str, allowed: str = "") -> str:
+    """A text MLflow's UI and terminals show: no control characters (ANSI escapes, newlines) and no invisible
+    formatting characters (bidirectional overrides, zero-width), which make a run name read as another."""
+    import unicodedata
+
+    bad = sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c) in ("Cc", "Cf") and c not in allowed})
+    if bad:
+        raise ValueError(f"holds control or invisible formatting characters ({', '.join(bad[:5])}): "
+                         "MLflow would show them raw; use printable text")
+    return value
+
+
+def _experiment_path(value: str) -> str:
+    """Experiment names may be paths (Databricks' /Users/me/exp); none may step out of where stores keep them."""
+    parts = value.replace("\\", "/").split("/")
+    if any(part in (".", "..") for part in parts):
+        raise ValueError("holds a '.' or '..' path segment: an experiment name must not point elsewhere in a store")
+    return value
+
+
+ShownText = Annotated[str, StringConstraints(min_length=1, max_length=MLFLOW_KEY_LENGTH), AfterValidator(_shown)]
+ExperimentName = Annotated[str, StringConstraints(min_length=1, max_length=MLFLOW_EXPERIMENT_LENGTH),
+                           AfterValidator(_shown), AfterValidator(_experiment_path)]
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, StringConstraints(max_length=MLFLOW_TAG_LENGTH),
+                     AfterValidator(lambda v: _shown(v, allowed="\n\t"))]  # a note may have lines
+
 
 def _unique(values: list[Any] | None) -> list[Any] | None:
     if values is not None:

@@ -30,6 +30,7 @@ SANITY_PASSED = "sanity.passed"
 SANITY_FAILED = "sanity.failed"
 SELECTION = "lora_exp.selection"
 COMPARED_RUNS = "lora_exp.compared_runs"
+PARAMS_CUT = "lora_exp.params_cut"  # params longer than MLflow keeps, cut: the whole spec is the spec.yaml artifact
 
 # Values of ``job``
 TRAIN, EVAL, DISTILL, SANITY, COMPARE, SWEEP = "train", "eval", "distill", "sanity", "compare", "sweep"

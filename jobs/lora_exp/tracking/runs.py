@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lora_exp.config.fields import MLFLOW_PARAM_LENGTH, MLFLOW_TAG_LENGTH
 from lora_exp.config.loading import Run, flatten, write_spec
 from lora_exp.core import allocator, tags
 from lora_exp.core.errors import Preempted, TrackerUnavailable
@@ -79,6 +80,17 @@ def run_params(run: Run) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
 
 
+def fit_params(params: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(params as MLflow keeps them, a tag naming those cut). MLflow cuts a value over its limit without a word
+    (a few-shot template of 7 kB): cut here, and said so, the whole value being in the run's spec.yaml."""
+    cut = sorted(k for k, v in params.items() if len(v) > MLFLOW_PARAM_LENGTH)
+    if not cut:
+        return params, {}
+    note = (f"{', '.join(cut)}: longer than MLflow's {MLFLOW_PARAM_LENGTH} characters, cut; the whole spec is the "
+            "artifact spec.yaml")
+    return {k: v[:MLFLOW_PARAM_LENGTH] for k, v in params.items()}, {tags.PARAMS_CUT: note[:MLFLOW_TAG_LENGTH]}
+
+
 def _attach_or_create(client: Any, run: Run, job: str, state: RunDir, uri: str) -> tuple[str, bool]:
     """(run id, created). The id recorded in ``state``; else the run tagged with ``state``'s run key (created
     by an attempt killed before it could record the id); else a new run tagged with that key."""
@@ -122,7 +134,9 @@ def open_run(run: Run, job: str, state: RunDir) -> tuple[Tracker, bool]:
             delay = min(delay * 2, 15.0)
     tracker = Tracker(run_id, uri, Spool(state.tracking_dir(run_id))).start()
     if created:
-        tracker.log_params(run_params(run))
+        params, cut = fit_params(run_params(run))
+        tracker.log_params(params)
+        tracker.set_tags(cut)
         spec_file = state.tracking_dir(run_id) / "spec.yaml"
         write_spec(run, spec_file)
         tracker.log_artifact(spec_file)
