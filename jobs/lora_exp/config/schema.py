@@ -261,21 +261,17 @@ class TrainingSpec(Strict):
 class TrackingSpec(Strict):
     """Where the run is recorded in MLflow."""
 
-    experiment_name: ExperimentName | None = Field(
-        None, description="MLflow experiment (default: the values file's name). Printable text up to 500 "
-        "characters; may be a path (/Users/me/exp), without '.' or '..' segments.")
-    run_name: ShownText | None = Field(None, description="MLflow run name (default: the run's key). Printable text "
-                                       "up to 250 characters.")
+    experiment_name: ExperimentName | None = Field(None, description="MLflow experiment (default: the values file's "
+                                                   "name); printable, may be a path without '.'/'..' segments.")
+    run_name: ShownText | None = Field(None, description="MLflow run name (default: the run's key); printable.")
     tracking_uri: Text | None = Field(
         None,
         description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else a local store "
         "(sqlite:///mlflow.db plus ./mlartifacts) in the working directory. Credentials belong in "
         "MLFLOW_TRACKING_USERNAME/PASSWORD, not here (a URI's user:password is redacted from every log and tag).",
     )
-    tags: dict[TagKey, TagValue] = Field(
-        default_factory=dict, max_length=MLFLOW_MAX_TAGS, description="Tags on the run: keys of letters, digits and "
-        "_ . - / : space (MLflow's alphabet, up to 250); values up to 8,000 characters (MLflow's limit, which it "
-        "would cut silently), no control characters but newlines and tabs.")
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=MLFLOW_MAX_TAGS, description="Run tags "
+                                         "within MLflow's key alphabet and lengths (values cut silently past 8,000).")
     system_metrics: bool = Field(
         True, description="Log CPU/memory/disk/network (and GPU utilisation, memory and power where NVML has "
         "them) as system/* metrics every system_metrics_interval seconds, through the run's spool like any metric.")
