@@ -93,6 +93,22 @@ def registered_model_name_problem(name: str) -> str | None:
     return "a registered model's name: not empty, no '/'" if not name.strip() or "/" in name else None
 
 
+def _refused_when(problem: Any) -> AfterValidator:
+    """A field check from a ``problem`` function (text -> why not, or None), shared with export's own checks."""
+
+    def check(value: str) -> str:
+        why = problem(value)
+        if why:
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(check)
+
+
+TrackingUri = Annotated[str, StringConstraints(min_length=1), _refused_when(tracking_scheme_problem)]
+RegisteredModelName = Annotated[str, StringConstraints(min_length=1), _refused_when(registered_model_name_problem)]
+
+
 class RegisteredNames:
     """A string that must be a registered name (plus ``extra`` values): an enum in the JSON Schema."""
 

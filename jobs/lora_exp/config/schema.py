@@ -42,16 +42,16 @@ from lora_exp.config.fields import (
     RESERVED_SPLITS,
     ExperimentName,
     Name,
+    RegisteredModelName,
     RegisteredNames,
     RegisteredSpecs,
     ShownText,
     TagKey,
     TagValue,
     Text,
+    TrackingUri,
     UniqueTexts,
     _unique,
-    registered_model_name_problem,
-    tracking_scheme_problem,
 )
 from lora_exp.core import registry
 
@@ -264,7 +264,7 @@ class TrackingSpec(Strict):
     experiment_name: ExperimentName | None = Field(None, description="MLflow experiment (default: the values file's "
                                                    "name); printable, may be a path without '.'/'..' segments.")
     run_name: ShownText | None = Field(None, description="MLflow run name (default: the run's key); printable.")
-    tracking_uri: Text | None = Field(
+    tracking_uri: TrackingUri | None = Field(
         None,
         description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else a local store "
         "(sqlite:///mlflow.db plus ./mlartifacts) in the working directory. Credentials belong in "
@@ -276,25 +276,9 @@ class TrackingSpec(Strict):
         True, description="Log CPU/memory/disk/network (and GPU utilisation, memory and power where NVML has "
         "them) as system/* metrics every system_metrics_interval seconds, through the run's spool like any metric.")
     system_metrics_interval: float = Field(10.0, ge=1.0, description="Seconds between system-metric samples.")
-    register_model: Text | None = Field(
+    register_model: RegisteredModelName | None = Field(
         None, description="Train runs: register the run's artifact (model/) as a new version of this MLflow "
         "registered model, tagged with the run's metrics, once the run's results reached MLflow.")
-
-    @field_validator("register_model")
-    @classmethod
-    def _model_name(cls, v: str | None) -> str | None:
-        problem = registered_model_name_problem(v) if v is not None else None
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _known_scheme(cls, v: str | None) -> str | None:
-        problem = tracking_scheme_problem(v) if v else None
-        if problem:
-            raise ValueError(problem)
-        return v
 
 
 class EvalSpec(Strict):
