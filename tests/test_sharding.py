@@ -139,14 +139,16 @@ def test_a_sharded_run_stopped_by_sigterm_resumes_exactly(arms, name: str):
     assert resumed["run"].info.run_id and resumed["run"].info.status == "FINISHED"
 
 
-def test_fsdp_under_qlora_is_refused_before_any_model_loads(tmp_path, tiny_llama, toy_data):
+@pytest.mark.parametrize("method,label", [("qlora", "QLoRA"), ("lora", "LoRA")])
+def test_fsdp_under_an_adapter_method_is_refused_before_any_model_loads(tmp_path, tiny_llama, toy_data, method,
+                                                                         label):
     from support import run_cli
 
     values = write_values(tmp_path, experiment(tiny_llama, toy_data, tmp_path, runs={"q": {
-        "method": {"name": "qlora"}, "training": {"zero_stage": 3, "sharding": "fsdp"}}}))
+        "method": {"name": method}, "training": {"zero_stage": 3, "sharding": "fsdp"}}}))
     proc = run_cli("validate", "-f", str(values), cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "training.sharding: fsdp does not shard QLoRA" in proc.stdout + proc.stderr
+    assert f"training.sharding: fsdp does not shard {label} here" in proc.stdout + proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
 

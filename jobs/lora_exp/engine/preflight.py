@@ -173,7 +173,7 @@ def check_model(spec: RunSpec) -> str:
 
 def check_packages(spec: RunSpec) -> None:
     """Optional dependencies a spec needs, found without importing them."""
-    if spec.training.zero_stage and importlib.util.find_spec("deepspeed") is None:
+    if spec.training.zero_stage and spec.training.sharding == "zero" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("training.zero_stage needs DeepSpeed: pip install --no-build-isolation 'lora-exp[deepspeed]'")
     if spec.training.liger_kernels is True and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("training.liger_kernels needs the liger-kernel package (CUDA GPUs): pip install liger-kernel")

@@ -44,9 +44,15 @@ class Method:
     report_order: ClassVar[int] = 100  # position in the report's method comparisons (seed 003's order)
     needs_head: ClassVar[bool] = False  # trains a task head only: the formulation must have one
     packages: ClassVar[tuple[str, ...]] = ()  # optional packages it imports (checked before anything loads)
+    # Trains under FSDP2 (training.sharding fsdp), as tests/test_sharding.py proves for it; the others are
+    # refused: a method whose save under FSDP2 is untested could publish a wrong artifact, worse than a refusal.
+    fsdp: ClassVar[bool] = False
 
     def check_spec(self, spec: RunSpec) -> None:
         """Raise SpecError when the spec does not fit the method (called when specs are resolved)."""
+        if spec.training.zero_stage and spec.training.sharding == "fsdp" and not self.fsdp:
+            raise SpecError(f"training.sharding: fsdp does not shard {self.label} here (FSDP2 is tested for full "
+                            "fine-tuning); use sharding zero")
         if self.needs_head:
             form = formulation_type(spec, get_task(spec))
             if not form.has_head:

@@ -22,6 +22,7 @@ class Full(Method):
     spec: ClassVar[type[MethodSpec]] = FullSpec
     label: ClassVar[str] = "full"
     report_order: ClassVar[int] = 40
+    fsdp: ClassVar[bool] = True
 
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         for p in model.parameters():

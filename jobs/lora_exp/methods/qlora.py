@@ -40,9 +40,6 @@ class QLora(Lora):
         if init not in ("default", "gaussian"):
             raise SpecError(f"method.init: {init} decomposes the base's full-precision weights, which QLoRA loads in "
                             "4 bits; use method lora for it, or init default/gaussian")
-        if spec.training.zero_stage and spec.training.sharding == "fsdp":
-            raise SpecError("training.sharding: fsdp does not shard QLoRA's 4-bit weights here; use sharding zero, "
-                            "or method lora")
 
     def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         import torch
