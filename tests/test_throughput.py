@@ -19,7 +19,7 @@ from support import experiment, run_cli, text_rows, toy_rows, write_jsonl, write
 
 
 def prepared(model: Path, tmp: Path, formulation: str, model_fields: dict[str, Any] | None = None,
-             **training: Any) -> tuple[Any, Any]:
+             method: dict[str, Any] | None = None, **training: Any) -> tuple[Any, Any]:
     """A tiny run of the toy task, prepared as the training path prepares it (fp32: exact comparisons)."""
     rows = toy_rows(24, seed=3)
     for i, r in enumerate(rows):  # mixed lengths, so padding really happens
@@ -31,6 +31,7 @@ def prepared(model: Path, tmp: Path, formulation: str, model_fields: dict[str, A
         form["verbalizers"] = {"neg": " awful terrible", "pos": " great wonderful"}
     doc = experiment(model, data, tmp, formulation=form, training={"precision": "fp32", **training})
     doc["experiment"]["defaults"]["model"].update(model_fields or {})
+    doc["experiment"]["defaults"]["method"] = method or {"name": "lora"}
     (run,) = resolve_runs(write_values(tmp, doc), None, {})
     p = prepare(run)
     trainer, _ = build_trainer(run.spec, p.model, p.form, p.tokenizer, tmp / "out", p.train_ds, p.val_ds,
@@ -101,9 +102,11 @@ def full_logits_scores(form: Any, model: Any, batch: dict[str, Any]) -> tuple[to
     return out.loss, at[:, torch.tensor(form.first_ids)]
 
 
+# Prefix tuning: its prefixes are attention context, and the scored positions must still be the answer's.
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
-def test_verbalizer_scores_only_label_positions_with_the_full_logits_results(arch, request, tmp_path):
-    p, trainer = prepared(request.getfixturevalue(arch), tmp_path, "verbalizer")
+def test_verbalizer_scores_only_label_positions_with_the_full_logits_results(arch, method, request, tmp_path):
+    p, trainer = prepared(request.getfixturevalue(arch), tmp_path, "verbalizer", method={"name": method})
     batch = p.form.collator()([p.train_ds[i] for i in range(8)])
     model = trainer.model.eval()
     seen: list[tuple[int, ...]] = []

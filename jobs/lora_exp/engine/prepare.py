@@ -50,5 +50,15 @@ def prepare(run: Run) -> Prepared:
     model = load_model(spec.model, form.model_class, tokenizer, getattr(task, "labels", ()),
                        **method.load_kwargs(spec))
     model = method.apply(model, spec, form.peft_task_type)
-    return Prepared(task, tokenizer, form, method, model, form.tokenize(train_raw), form.tokenize(val_raw), evals_raw,
+    train_ds = form.tokenize(train_raw)
+    method.init_from_data(model, spec, _batches(train_ds, form, spec.training.per_device_train_batch_size))
+    return Prepared(task, tokenizer, form, method, model, train_ds, form.tokenize(val_raw), evals_raw,
                     inputs=lineage(spec, task, train_raw, val_raw, evals_raw))
+
+
+def _batches(dataset: Any, form: Formulation, size: int) -> Any:
+    """The training set collated as evaluation collates it, in order (the same batches on every process)."""
+    from torch.utils.data import DataLoader
+
+    collate = form.collator()
+    return DataLoader(dataset, batch_size=size, collate_fn=lambda rows: dict(collate(rows)))

@@ -47,6 +47,8 @@ class Method:
     # Trains under FSDP2 (training.sharding fsdp), as tests/test_sharding.py proves for it; the others are
     # refused: a method whose save under FSDP2 is untested could publish a wrong artifact, worse than a refusal.
     fsdp: ClassVar[bool] = False
+    # Its artifact is an adapter PEFT can merge into the base (``lora-exp export``); others are standalone.
+    mergeable: ClassVar[bool] = False
 
     def check_spec(self, spec: RunSpec) -> None:
         """Raise SpecError when the spec does not fit the method (called when specs are resolved)."""
@@ -68,6 +70,10 @@ class Method:
     def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         """Freeze/wrap the base model so exactly the method's parameters train."""
         raise NotImplementedError
+
+    def init_from_data(self, model: Any, spec: RunSpec, batches: Any) -> None:
+        """Initialise what ``apply`` added from the training data (``batches``: the collated training set, in
+        order), after ``apply`` and before training; a data-driven initialisation (EVA) does it, others do not."""
 
     def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:
         """``apply`` for the memory plan, on a model on the meta device (no weights: nothing to quantize)."""

@@ -10,8 +10,8 @@ from pydantic import Field
 
 from lora_exp.config.schema import MethodSpec
 from lora_exp.core.errors import SpecError
-from lora_exp.methods.base import TrainableRule, register_method
-from lora_exp.methods.lora import Lora
+from lora_exp.methods.base import register_method
+from lora_exp.methods.tuner import PeftTuner
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
@@ -29,43 +29,29 @@ class IA3Spec(MethodSpec):
         "Default: PEFT's per architecture.")
 
 
-class IA3(Lora):
-    """Saved, loaded and merged for nothing (IA³ is not LoRA) as a PEFT adapter; only ``apply`` differs."""
+class IA3(PeftTuner):
+    """Learned rescaling vectors; PEFT's own targets per architecture unless the spec names them."""
 
     name: ClassVar[str] = "ia3"
     spec: ClassVar[type[MethodSpec]] = IA3Spec
     label: ClassVar[str] = "IA³"
     report_order: ClassVar[int] = 25
+    marker: ClassVar[str] = "ia3_l"
 
     def check_spec(self, spec: RunSpec) -> None:
+        super().check_spec(spec)
         m = cast(IA3Spec, spec.method)
         if m.feedforward_modules and not m.target_modules:
             raise SpecError("method.feedforward_modules: give target_modules too (they must include these)")
         if m.feedforward_modules and not set(m.feedforward_modules) <= set(m.target_modules or ()):
             raise SpecError("method.feedforward_modules: every one must be among method.target_modules")
 
-    def apply(self, model: Any, spec: RunSpec, task_type: str) -> Any:
-        from peft import IA3Config, get_peft_model
+    def peft_config(self, model: Any, spec: RunSpec, task_type: str) -> Any:
+        from peft import IA3Config
 
         m = cast(IA3Spec, spec.method)
-        config = IA3Config(task_type=task_type, target_modules=m.target_modules,
-                           feedforward_modules=m.feedforward_modules,
-                           fan_in_fan_out=model.config.model_type == "gpt2")
-        try:
-            return get_peft_model(model, config)
-        except ValueError as e:  # no default for this architecture, or a module it does not have
-            raise SpecError(f"method.target_modules: {e}") from None
-
-    def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:
-        return self.apply(model, spec, task_type)
-
-    def optimizer(self, model: Any, optimizer_cls: Any, optimizer_kwargs: dict[str, Any], spec: RunSpec) -> Any:
-        return None
-
-    def trainable_rule(self, model: Any) -> TrainableRule:
-        head = any("modules_to_save" in n for n, _ in model.named_parameters())
-        return TrainableRule("IA³ vectors" + (" and the task head" if head else ""), lambda n: "ia3_l" in n,
-                             lambda n: "ia3_l" in n or "modules_to_save" in n)
+        return IA3Config(task_type=task_type, target_modules=m.target_modules,
+                         feedforward_modules=m.feedforward_modules, fan_in_fan_out=model.config.model_type == "gpt2")
 
 
 register_method(IA3())

@@ -51,11 +51,12 @@ class LoraFields(MethodSpec):
     use_rslora: bool = Field(
         False, description="rsLoRA (Kalajdzievski, 2023): scale the update by alpha/sqrt(r) instead of alpha/r, so "
         "that higher ranks keep learning.")
-    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = Field(
+    init: Literal["default", "gaussian", "pissa", "olora", "orthogonal", "eva"] = Field(
         "default", description="How the adapter starts. default: B = 0 (the model unchanged at step 0); gaussian; "
         "pissa (Meng et al., 2024: the weight's principal singular directions, the base keeps the rest); olora "
-        "(QR); orthogonal. PiSSA and OLoRA change the base weights: the saved adapter is converted to load onto "
-        "the original base.")
+        "(QR); orthogonal; eva (Paischer et al., 2024: A from the principal directions of each layer's inputs on "
+        "the training data, ranks kept uniform). PiSSA and OLoRA change the base weights: the saved adapter is "
+        "converted to load onto the original base.")
     rank_pattern: dict[str, int] = Field(
         default_factory=dict, description="Per-layer ranks by module name or regex, e.g. {'down_proj': 16}.")
     alpha_pattern: dict[str, int] = Field(
@@ -93,6 +94,7 @@ class Lora(Method):
     spec: ClassVar[type[MethodSpec]] = LoraSpec
     label: ClassVar[str] = "LoRA"
     report_order: ClassVar[int] = 20
+    mergeable: ClassVar[bool] = True
 
     def check_spec(self, spec: RunSpec) -> None:
         super().check_spec(spec)
@@ -109,10 +111,11 @@ class Lora(Method):
         return self._apply(model, spec, task_type, "default")
 
     def _apply(self, model: Any, spec: RunSpec, task_type: str, init: str) -> Any:
-        from peft import LoraConfig, get_peft_model
+        from peft import EvaConfig, LoraConfig, get_peft_model
 
         m = cast(LoraFields, spec.method)
         model_type = model.config.model_type
+        eva = {"eva_config": EvaConfig(rho=1.0, use_label_mask=False)} if init == "eva" else {}
         config = LoraConfig(
             task_type=task_type,
             r=m.r,
@@ -126,6 +129,7 @@ class Lora(Method):
             init_lora_weights=True if init == "default" else init,
             rank_pattern=dict(m.rank_pattern),
             alpha_pattern=dict(m.alpha_pattern),
+            **eva,
         )
         try:
             peft_model = get_peft_model(model, config)
@@ -137,6 +141,22 @@ class Lora(Method):
             peft_model.save_pretrained(initial)
             setattr(peft_model, INITIAL_ADAPTER, initial)
         return peft_model
+
+    def init_from_data(self, model: Any, spec: RunSpec, batches: Any) -> None:
+        """EVA: each layer's A from an incremental SVD of its inputs over the training batches (every real token:
+        the label mask is off, so a verbalizer's few answer tokens do not decide it); rho 1 keeps every layer at
+        rank r, so the plan's count stays the run's. On a GPU where there is one: it is one pass of the data."""
+        if cast(LoraFields, spec.method).init != "eva":
+            return
+        import os
+
+        import torch
+        from peft import initialize_lora_eva_weights
+
+        if torch.cuda.is_available():
+            model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+        initialize_lora_eva_weights(model, dataloader=batches, gather_distributed_inputs=False,
+                                    show_progress_bar=False)
 
     def optimizer(self, model: Any, optimizer_cls: Any, optimizer_kwargs: dict[str, Any], spec: RunSpec) -> Any:
         m = cast(LoraFields, spec.method)

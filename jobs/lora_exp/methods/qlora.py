@@ -3,6 +3,7 @@ k-bit training, and LoRA adapters train on top in fp32. The artifact is the adap
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import Field
@@ -15,6 +16,8 @@ from lora_exp.methods.lora import Lora, LoraFields
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
 
+log = logging.getLogger(__name__)
+
 
 class QLoraSpec(LoraFields):
     """QLoRA: LoRA over a 4-bit (nf4, double-quantized) frozen base; LoRA weights stay fp32."""
@@ -25,6 +28,11 @@ class QLoraSpec(LoraFields):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype the 4-bit weights are dequantized to for each matmul."
     )
+    init: Literal["default", "gaussian", "loftq"] = Field(  # type: ignore[assignment]
+        "default", description="How the adapter starts. default: B = 0 (the quantized model unchanged at step 0); "
+        "gaussian; loftq (Li et al., 2024): each adapter starts as the rank-r approximation of what quantization "
+        "took from its weight, read from the full-precision checkpoint, so training starts nearer the unquantized "
+        "model.")
 
 
 class QLora(Lora):
@@ -36,10 +44,9 @@ class QLora(Lora):
 
     def check_spec(self, spec: RunSpec) -> None:
         super().check_spec(spec)
-        init = cast(QLoraSpec, spec.method).init
-        if init not in ("default", "gaussian"):
-            raise SpecError(f"method.init: {init} decomposes the base's full-precision weights, which QLoRA loads in "
-                            "4 bits; use method lora for it, or init default/gaussian")
+        if cast(QLoraSpec, spec.method).init == "loftq" and spec.training.zero_stage == 3:
+            raise SpecError("method.init: loftq sets each adapter from its whole weight, which ZeRO-3 partitions; "
+                            "use zero_stage 0 or 2")
 
     def load_kwargs(self, spec: RunSpec) -> dict[str, Any]:
         import torch
@@ -68,7 +75,14 @@ class QLora(Lora):
             model, use_gradient_checkpointing=spec.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        return super().apply(model, spec, task_type)
+        init = cast(QLoraSpec, spec.method).init
+        peft_model = self._apply(model, spec, task_type, "default" if init == "loftq" else init)
+        if init == "loftq":
+            from lora_exp.methods.loftq import loftq_init
+
+            log.info("LoftQ: %d adapters set from the quantization residual of %s", loftq_init(peft_model, spec.model),
+                     spec.model.name)
+        return peft_model
 
 
     def plan_model(self, model: Any, spec: RunSpec, task_type: str) -> Any:

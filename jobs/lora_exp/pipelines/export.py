@@ -30,6 +30,7 @@ from lora_exp.engine.artifacts import (
     locate_artifact,
     read_spec,
 )
+from lora_exp.methods import get_method
 from lora_exp.pipelines.gguf_file import write_gguf
 from lora_exp.tracking.server import tracking_uri
 from lora_exp.tracking.spool import register_version
@@ -37,7 +38,6 @@ from lora_exp.tracking.spool import register_version
 HELP = "a trained adapter as a standalone model (merged), a GGUF file for llama.cpp, or a vLLM-ready adapter"
 FORMATS = ("merged", "gguf", "adapter")
 log = logging.getLogger(__name__)
-MERGEABLE = ("lora", "qlora", "ia3")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="lora-exp-export-") as tmp:
         artifact = locate_artifact(args.model_path, args.mlflow_run_id, Path(tmp), uri)
         trained = read_spec(artifact)
-        if trained.method.name not in MERGEABLE:
+        if not get_method(trained.method.name).mergeable:
             raise errors.UserError(f"{artifact}: method {trained.method.name!r} has no adapter to merge; "
                                    "the artifact is already standalone")
         if args.format == "adapter":

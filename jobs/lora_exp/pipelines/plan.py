@@ -139,8 +139,9 @@ def main(args: argparse.Namespace) -> int:
                  profile.capacity_mb, round(100 * args.margin), verdict, smallest or "none",
                  "".join(f"; {n}" for n in notes))
         parts = {k: round(v) for k, v in plan.breakdown.items()}
-        rows.append({"run": name, "job": run.spec.job, "profile": pname, **parts, "peak MiB": round(plan.peak_mb),
-                     "capacity MiB": round(profile.capacity_mb), "verdict": verdict, "smallest fit": smallest or "-"})
+        rows.append({"run": name, "job": run.spec.job, "profile": pname, "trainable": plan.trainable, **parts,
+                     "peak MiB": round(plan.peak_mb), "capacity MiB": round(profile.capacity_mb), "verdict": verdict,
+                     "smallest fit": smallest or "-"})
     print(text_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -60,10 +60,10 @@ class MemoryPlan:
     """A run's estimated peak memory per device, in MiB, and what it is made of."""
 
     device: str  # "gpu" or "cpu"
-    breakdown: dict[str, float]  # weights, checkpoint_mapped, gradients, optimizer, activations, training_step,
-    # eval, runtime: the peak is weights + checkpoint_mapped + master + max(training_step, eval) + runtime
+    breakdown: dict[str, float]  # weights ... runtime: weights + mapped + master + max(step, eval) + runtime
     peak_mb: float
     notes: list[str] = field(default_factory=list)
+    trainable: int = 0  # parameters the method trains (as its ``apply`` made them on the meta device)
 
     def metrics(self) -> dict[str, float]:
         """As MLflow metrics: ``plan_peak_memory_mb`` and ``plan_<part>_mb``."""
@@ -496,4 +496,5 @@ def _estimate(spec: RunSpec, device: str, gpus: int, config: Any, train: bool, a
              "activations": activations, "training_step": train_peak, "eval": ev, "runtime": runtime}
     if t.gradient_checkpointing and train:
         notes.append("gradient checkpointing (layers recomputed in backward)")
-    return MemoryPlan(device, {k: v / MB for k, v in parts.items()}, peak / MB, notes)
+    return MemoryPlan(device, {k: v / MB for k, v in parts.items()}, peak / MB, notes,
+                      sum(p.numel() for p in model.parameters() if p.requires_grad))
