@@ -4,14 +4,16 @@ working directory). Train must agree with validate: the chart's validate init co
 rejects what the job itself would fail on.
 
 Each case is (id, mutations, words the message must contain). A mutation changes the valid toy experiment:
-a spec field, a run, the raw values text, a data file, the model directory, an environment variable or a
---set override."""
+a spec field, a run, the raw values text, a data file, the model directory, an environment variable, a --set
+override or a package that cannot be imported."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ import yaml
 
 from lora_exp import cli
 from lora_exp.core.errors import USER_ERROR
-from support import experiment, qa_rows, text_rows, write_jsonl
+from support import experiment, qa_rows, run_cli, text_rows, write_jsonl, write_values
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Env:
     raw: str | bytes | None = None
     argv: list[str] = field(default_factory=list)
     environ: dict[str, str] = field(default_factory=dict)
+    unimportable: list[str] = field(default_factory=list)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -96,6 +99,15 @@ def ARGS(*args: str) -> Mutation:
 def ENV(**values: str) -> Mutation:
     def apply(env: Env) -> None:
         env.environ.update(values)
+
+    return apply
+
+
+def UNIMPORTABLE(*modules: str) -> Mutation:
+    """These packages cannot be imported (as if not installed: ``import`` raises ModuleNotFoundError)."""
+
+    def apply(env: Env) -> None:
+        env.unimportable += modules
 
     return apply
 
@@ -190,6 +202,17 @@ def _drop_tokenizer(model: Path) -> None:
 
 
 GOOD_ROW = {"text": "the film was great", "label": "pos"}
+NO_URI = lambda e: e.defaults["tracking"].pop("tracking_uri")  # noqa: E731
+
+
+def _alias_bomb(levels: int = 7, width: int = 9) -> str:
+    """A valid spec under which ``width ** levels`` nodes hide in 1 kB of aliases, merged run over defaults."""
+    keys = "abcdefghi"[:width]
+    lines = ["bomb:", "  x0: &x0 {" + ", ".join(f"{k}: lol" for k in keys) + "}"]
+    lines += [f"  x{i}: &x{i} {{" + ", ".join(f"{k}: *x{i - 1}" for k in keys) + "}" for i in range(1, levels + 1)]
+    spec = ["experiment:", "  name: toy", f"  defaults: *x{levels}", f"  runs: {{a: *x{levels}}}", ""]
+    return "\n".join(lines + spec)
+
 LM_TASK = S("task", {"name": "wikitext"})
 QA_TASK = S("task", {"name": "squad_v2"})
 
@@ -197,6 +220,11 @@ CASES: list[tuple[str, list[Mutation], tuple[str, ...]]] = [
     # --- the values file itself
     ("yaml-syntax", [RAW("experiment: [unclosed\n")], ("not valid YAML",)),
     ("no-experiment", [RAW("profile: cpu\n")], ("no 'experiment' section",)),
+    ("yaml-alias-bomb", [RAW(_alias_bomb())], ("values.yaml", "line 6", "aliases expand to more than 50000 nodes")),
+    ("yaml-recursive-alias", [RAW("experiment: &e\n  name: toy\n  runs: {a: {}}\n  defaults: {x: *e}\n")],
+     ("values.yaml", "line 4", "alias *e refers to a node that contains it")),
+    ("yaml-nested-too-deep", [RAW("experiment:\n  name: toy\n  runs: {a: {}}\n  defaults: {x: " + "[" * 200 +
+                                  "]" * 200 + "}\n")], ("values.yaml", "line 4", "nested deeper than 100 levels")),
     ("experiment-is-a-list", [RAW("experiment: [1, 2]\n")], ("experiment.",)),
     ("duplicated-key", [RAW("experiment:\n  name: toy\n  name: other\n  runs: {a: {}}\n")],
      ("'name' appears twice", "line 2")),
@@ -334,6 +362,19 @@ CASES: list[tuple[str, list[Mutation], tuple[str, ...]]] = [
     ("tracking-tag-value-too-long", [S("tracking.tags", {"note": "x" * 8001})], ("tracking.tags.note", "8000")),
     ("tracking-tag-key-alphabet", [S("tracking.tags", {"a$b": "v"})], ("tracking.tags", "a$b")),
     ("tracking-too-many-tags", [S("tracking.tags", {f"t{i}": "v" for i in range(101)})], ("tracking.tags", "100")),
+    # the store's packages (MLflow's SqlAlchemyStore and the URI's driver), checked before anything is written
+    ("tracking-sqlite-no-cryptography", [UNIMPORTABLE("cryptography")],
+     ("tracking.tracking_uri", "sqlite store", "cryptography", "pip install cryptography")),
+    ("tracking-sqlite-no-sqlalchemy", [UNIMPORTABLE("sqlalchemy")], ("sqlalchemy", "pip install SQLAlchemy")),
+    ("tracking-postgresql-no-driver", [S("tracking.tracking_uri", "postgresql://lora:pw@127.0.0.1:1/mlflow"),
+                                       UNIMPORTABLE("psycopg")],
+     ("tracking.tracking_uri", "postgresql://***@127.0.0.1:1/mlflow", "psycopg", "pip install 'psycopg[binary]'")),
+    ("tracking-postgresql-psycopg2", [S("tracking.tracking_uri", "postgresql+psycopg2://h/mlflow"),
+                                      UNIMPORTABLE("psycopg2")], ("psycopg2", "pip install psycopg2-binary")),
+    ("tracking-env-mysql-no-driver", [NO_URI, ENV(MLFLOW_TRACKING_URI="mysql://h/mlflow"), UNIMPORTABLE("MySQLdb")],
+     ("$MLFLOW_TRACKING_URI", "MySQLdb", "pip install mysqlclient")),
+    ("tracking-unknown-driver", [S("tracking.tracking_uri", "postgresql+nodriver://h/mlflow")],
+     ("tracking.tracking_uri", "nodriver")),
     ("output-root-under-file", [FILE("train", "plain.jsonl", json.dumps(GOOD_ROW) + "\n"),
                                 lambda e: e.defaults.update(output_root=str(e.tmp / "data" / "plain.jsonl" / "out"))],
      ("output_root", "under a file")),
@@ -475,6 +516,9 @@ def test_bad_input_stops_validate_and_train_with_exit_2_writing_nothing(mutation
     values.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
     for key, value in env.environ.items():
         monkeypatch.setenv(key, value)
+    for name in env.unimportable:  # the package and whatever of it this process imported already
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")] + [name]:
+            monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.chdir(work)
     before = _snapshot(work)
     for command in ("validate", "train"):
@@ -497,3 +541,25 @@ def test_a_csv_with_a_byte_order_mark_is_read_by_its_header(tmp_path, tiny_gpt2,
     values.write_text(yaml.safe_dump(doc))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["validate", "-f", str(values)]) == 0
+
+
+def test_a_store_package_that_cannot_be_imported_stops_a_fresh_process_with_exit_2(tmp_path, tiny_gpt2, toy_data):
+    """Issue 23's environment fault as a container meets it: cryptography, which MLflow's sqlite store imports,
+    cannot be imported. Not 'MLflow does not answer' (exit 75, which the chart retries against a server not at
+    fault): exit 2 from validate and from train, one line naming the package and how to install it, and no store,
+    lock file or output dir written."""
+    shadow = tmp_path / "shadow" / "cryptography"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'cryptography'\", "
+                                        "name='cryptography')\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    values = write_values(work, experiment(tiny_gpt2, toy_data, work))
+    path = os.pathsep.join(p for p in (str(shadow.parent), os.environ.get("PYTHONPATH", "")) if p)
+    for command in ("validate", "train"):
+        proc = run_cli(command, "-f", str(values), cwd=work, env={"PYTHONPATH": path})
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if " ERROR " in line]
+        assert proc.returncode == USER_ERROR, (command, proc.stdout[-3000:], proc.stderr[-3000:])
+        assert len(errors) == 1 and "sqlite store needs the Python package cryptography" in errors[0], errors
+        assert "pip install cryptography" in errors[0] and "does not answer" not in errors[0]
+        assert sorted(p.name for p in work.iterdir()) == ["values.yaml"], command  # no mlflow.db(.lock), outputs

@@ -1,13 +1,18 @@
 """Reliability contracts that are not about a single input: a run directory belongs to its spec, SIGTERM is
-honoured before training starts, and what a run leaves behind never holds a credential."""
+honoured before training starts (and ends an MLflow run that exists KILLED), a tracking fault exits by who must
+act, and what a run leaves behind never holds a credential."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
+import time
+from pathlib import Path
 
 from lora_exp.core.errors import PREEMPTED, USER_ERROR
-from support import experiment, mlflow_client, run_cli, write_values
+from support import Job, experiment, mlflow_client, run_cli, write_values
 
 
 def _values(tmp_path, tiny_gpt2, toy_data, **training):
@@ -63,6 +68,72 @@ def test_sigterm_before_training_exits_143_and_the_next_attempt_runs(tmp_path, t
         assert cli.main(["train", "-f", str(values)]) == 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _runs_in(store: Path) -> int:
+    """How many runs the sqlite store holds (0 while it, or its tables, do not exist yet)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=0.1)) as db:
+            return int(db.execute("SELECT count(*) FROM runs").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigterm_as_the_mlflow_run_is_created_ends_it_killed(tmp_path, tiny_gpt2, toy_data):
+    """Between the MLflow run's creation and the Trainer (recording its id, queueing its params, starting its
+    tracker, building the Trainer) a SIGTERM ends the run KILLED, with its params, and exit 143, as one during
+    training does; not RUNNING until the next attempt. The job is signalled the moment its run is in the store."""
+    job = Job(_values(tmp_path, tiny_gpt2, toy_data), tmp_path)
+    while not _runs_in(tmp_path / "mlflow.db"):
+        assert job.proc.poll() is None, job.log[-3000:]
+        time.sleep(0.005)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.finish(120) == PREEMPTED, job.log[-3000:]
+    assert "lora_exp.progress: training" not in job.log  # stopped before the Trainer ran
+    client = mlflow_client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    assert run.info.status == "KILLED", job.log[-3000:]
+    assert run.data.params["method.name"] == "lora"
+
+
+def test_tracking_faults_exit_by_who_must_act():
+    """lora_exp.tracking.faults: an outage is 75 (retried), a package the store needs is 2 (a retry cannot
+    install it), anything else 1, each message one line without the URI's credentials."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    from lora_exp.core.errors import TrackerUnavailable, UserError
+    from lora_exp.tracking.faults import classify
+
+    def wrapped(inner: BaseException) -> MlflowException:  # as MLflow's http_request wraps what requests raised
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise MlflowException(f"API request to http://u:pw@h:5000/api failed with exception {e}") from None
+        except MlflowException as outer:
+            outer.__context__ = inner
+            return outer
+
+    cases = [
+        (wrapped(requests.ConnectionError("Connection refused")), TrackerUnavailable),
+        (wrapped(requests.exceptions.RetryError("too many 503 error responses")), TrackerUnavailable),
+        (wrapped(requests.exceptions.ReadTimeout("read timed out")), TrackerUnavailable),
+        (MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE), TrackerUnavailable),
+        (sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("could not connect")),
+         TrackerUnavailable),
+        (wrapped(ModuleNotFoundError("No module named 'psycopg'", name="psycopg")), UserError),
+        (wrapped(requests.exceptions.SSLError("certificate verify failed")), RuntimeError),
+        (MlflowException("no such experiment", error_code=INVALID_PARAMETER_VALUE), RuntimeError),
+        (ValueError("a bug"), RuntimeError),
+    ]
+    for error, kind in cases:
+        fault = classify(error, "http://u:pw@h:5000", "does not answer")
+        assert type(fault) is kind, (error, fault)
+        assert "pw" not in str(fault) and "\n" not in str(fault) and "http://***@h:5000" in str(fault), fault
+    assert "psycopg" in str(classify(cases[5][0], "http://h", "does not answer"))
 
 
 def test_an_attempt_killed_between_creating_the_run_and_recording_it_leaves_no_orphan(tmp_path, tiny_gpt2,

@@ -179,9 +179,70 @@ def _has_path(d: Any, loc: list[str]) -> bool:
     return bool(loc)
 
 
+# Bounds on what a values file may make the parser build, refused while composing (before anything is built
+# from it): aliases may add at most MAX_ALIAS_NODES nodes to what the file spells out (a 1 kB "billion laughs"
+# file expands to millions, and merging each run over the defaults walks every one of them: minutes of CPU), and
+# nothing nests deeper than MAX_DEPTH (a spec is a dozen levels deep; Python's recursion limit is 1000).
+MAX_ALIAS_NODES = 50_000
+MAX_DEPTH = 100
+
+
+class YamlBoundExceeded(yaml.YAMLError):
+    """A values file beyond MAX_ALIAS_NODES or MAX_DEPTH: ``line`` (1-based) and ``problem``."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        self.line, self.problem = int(getattr(mark, "line", -1)) + 1, problem
+        super().__init__(f"line {self.line}: {problem}")
+
+
 class _StrictLoader(yaml.SafeLoader):
     """YAML as Helm reads it, except that a key given twice in one mapping is an error (PyYAML and Helm keep
-    the last one silently, so a pasted duplicate overrides the value above it without a word)."""
+    the last one silently, so a pasted duplicate overrides the value above it without a word), and that aliases
+    and nesting are bounded (MAX_ALIAS_NODES, MAX_DEPTH)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._open: list[str | None] = []  # the anchors of the nodes being composed (an alias to one: a cycle)
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, height), the alias expanded
+        self._added = 0  # nodes that aliases added so far
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise YamlBoundExceeded(f"alias *{event.anchor} refers to a node that contains it", event.start_mark)
+            node = super().compose_node(parent, index)
+            nodes, height = self._measure(node)
+            self._added += nodes
+            if self._added > MAX_ALIAS_NODES:
+                raise YamlBoundExceeded(f"aliases expand to more than {MAX_ALIAS_NODES} nodes (an alias bomb?); "
+                                        "write the values out or alias less", event.start_mark)
+            if self._depth + height > MAX_DEPTH:
+                raise YamlBoundExceeded(f"alias *{event.anchor} nests deeper than {MAX_DEPTH} levels",
+                                        event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise YamlBoundExceeded(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._open.append(getattr(event, "anchor", None))
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+            self._depth -= 1
+
+    def _measure(self, node: yaml.Node | None) -> tuple[int, int]:
+        """(nodes, height) of ``node`` with its aliases expanded; each distinct node measured once, so a bomb
+        costs what its text does."""
+        if id(node) not in self._measured:
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            sizes = [self._measure(child) for child in children]
+            self._measured[id(node)] = (1 + sum(n for n, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+        return self._measured[id(node)]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -199,7 +260,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse_yaml(text: str) -> Any:
-    """Parse YAML text, refusing duplicated keys."""
+    """Parse YAML text, refusing duplicated keys, alias bombs and deep nesting (YamlBoundExceeded)."""
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -215,6 +276,8 @@ def load_values(path: str | os.PathLike[str]) -> dict[str, Any]:
                         "as UTF-8") from None
     try:
         doc = parse_yaml(text) or {}
+    except YamlBoundExceeded as e:
+        raise SpecError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(doc, dict) or "experiment" not in doc:

@@ -5,7 +5,9 @@ The handler installed by :func:`install` sets a flag. Inside the training loop (
 it does: the Trainer callback (``lora_exp.engine.callbacks.Preemption``) sees the flag at the next optimizer
 step boundary, saves a regular checkpoint there and stops, so the next attempt resumes exactly where this one
 stopped. Anywhere else (loading, evaluating, uploading) there is nothing to save mid-way: the handler raises
-:class:`~lora_exp.core.errors.Preempted` at once, the run is marked KILLED and the process exits 143.
+:class:`~lora_exp.core.errors.Preempted` at once, the run is marked KILLED and the process exits 143. Only a
+few steps that must not be cut in two (:func:`held`: creating the MLflow run and recording its id, starting its
+tracker) finish first, so that the run they open can be ended KILLED too.
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from lora_exp.core.errors import Preempted
 
 log = logging.getLogger(__name__)
 
-_state = {"requested": False, "deferred": 0, "installed": False}
+_state = {"requested": False, "deferred": 0, "held": 0, "installed": False}
+STOPPED = "SIGTERM before or after training: stopped; the next attempt resumes"
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
     first = not _state["requested"]
     _state["requested"] = True
+    if _state["held"]:
+        return  # raised as the held steps end
     if _state["deferred"]:
         if first:
             log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
         return
-    raise Preempted("SIGTERM before or after training: stopped; the next attempt resumes")
+    raise Preempted(STOPPED)
 
 
 def install() -> None:
@@ -58,3 +63,17 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _state["deferred"] -= 1
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Steps that must not be cut in two, and take a moment (one request at most): a SIGTERM meanwhile raises
+    ``Preempted`` as they end, not inside them. Creating the MLflow run and recording its id is one such: cut
+    in two, nobody knows the run to end it KILLED, and it stays RUNNING."""
+    _state["held"] += 1
+    try:
+        yield
+    finally:
+        _state["held"] -= 1
+    if _state["requested"] and not _state["held"] and not _state["deferred"]:
+        raise Preempted(STOPPED)

@@ -26,6 +26,7 @@ from lora_exp.engine.data import validate_data
 from lora_exp.methods import get_method
 from lora_exp.metrics.generation import check_wordnet
 from lora_exp.tasks import LM, formulation_kind, get_task
+from lora_exp.tracking.faults import missing_package
 from lora_exp.tracking.server import redact, tracking_uri
 
 # A saved tokenizer has at least one of these (fast tokenizers: tokenizer.json; slow ones: their vocab).
@@ -93,11 +94,18 @@ def check_resume(run: Run) -> str:
 
 
 def check_tracking_uri(spec: RunSpec) -> str:
+    """The URI names a store MLflow has, whose packages import here (``lora_exp.tracking.faults``: a missing
+    cryptography or psycopg is exit 2 now, not a retried 'server does not answer' later), and a sqlite store
+    can be created."""
     uri = tracking_uri(spec.tracking.tracking_uri)
+    source = ("tracking.tracking_uri" if spec.tracking.tracking_uri else
+              "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking (the default store)")
     problem = tracking_scheme_problem(uri)
     if problem:
-        source = "tracking.tracking_uri" if spec.tracking.tracking_uri else "$MLFLOW_TRACKING_URI"
         raise SpecError(f"{source}: {redact(uri)}: {problem}")
+    problem = missing_package(uri)
+    if problem:
+        raise UserError(f"{source}: {redact(uri)}: {problem}")
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         parent = db.parent

@@ -24,16 +24,16 @@ from typing import Any
 
 from lora_exp.config.fields import MLFLOW_PARAM_LENGTH, MLFLOW_TAG_LENGTH
 from lora_exp.config.loading import Run, flatten, write_spec
-from lora_exp.core import allocator, tags
-from lora_exp.core.errors import Preempted, TrackerUnavailable
+from lora_exp.core import allocator, preemption, tags
+from lora_exp.core.errors import Preempted, TrackerUnavailable, UserError
 from lora_exp.core.layout import RunDir
+from lora_exp.tracking.faults import classify, first_line
 from lora_exp.tracking.server import (
     DEADLINE_ENV,
     START_DEADLINE_ENV,
     apply_client_defaults,
     deadline,
     experiment_id,
-    first_line,
     git_commit,
     is_permanent,
     is_rank_zero,
@@ -100,49 +100,79 @@ def _attach_or_create(client: Any, run: Run, job: str, state: RunDir, uri: str) 
     key = state.run_key() or state.new_run_key()
     exp_id = experiment_id(client, run.experiment_name, uri)
     found = client.search_runs([exp_id], f"tags.\"{tags.RUN_UID}\" = '{key}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        log.info("reattaching to MLflow run %s (created by an attempt that stopped before recording it)", run_id)
+    with preemption.held():  # a SIGTERM waits for the id to be recorded: the run it names can then end KILLED
+        if found:
+            run_id = found[0].info.run_id
+            log.info("reattaching to MLflow run %s (created by an attempt that stopped before recording it)", run_id)
+            state.record_mlflow_run(run_id, redact(uri))
+            return run_id, False
+        created = client.create_run(exp_id, run_name=run.run_name, tags={**run_tags(run, job), tags.RUN_UID: key})
+        run_id = created.info.run_id
         state.record_mlflow_run(run_id, redact(uri))
-        return run_id, False
-    created = client.create_run(exp_id, run_name=run.run_name, tags={**run_tags(run, job), tags.RUN_UID: key})
-    run_id = created.info.run_id
-    state.record_mlflow_run(run_id, redact(uri))
     return run_id, True
+
+
+def _params(run: Run, state: RunDir, tracker: Tracker) -> None:
+    """The run's params and spec, unless its spool holds them already: a run created now, or one whose first
+    attempt stopped before queueing them (killed right after creating the run) gets them once."""
+    assert tracker.run_id is not None and tracker.spool is not None
+    if tracker.spool.holds("params"):
+        return
+    params, cut = fit_params(run_params(run))
+    tracker.log_params(params)
+    tracker.set_tags(cut)
+    spec_file = state.tracking_dir(tracker.run_id) / "spec.yaml"
+    write_spec(run, spec_file)
+    tracker.log_artifact(spec_file)
+
+
+def _end_killed(run: Run, tracker: Tracker | None, state: RunDir, uri: str) -> None:
+    """A SIGTERM while the run was opening: end it KILLED (with its params), as one during training does.
+    Without a recorded id there is no run, or one the next attempt finds by its key."""
+    run_id = state.mlflow_run_id()
+    if tracker is None and run_id is not None:
+        tracker = Tracker(run_id, uri, Spool(state.tracking_dir(run_id))).start()
+        _params(run, state, tracker)
+    if tracker is not None:
+        finish(tracker, "KILLED", 20.0)  # within the pod's grace period; the rest waits in the spool
 
 
 def open_run(run: Run, job: str, state: RunDir) -> tuple[Tracker, bool]:
     """A started tracker on the run's MLflow run (created, or reattached), and whether it was created.
     The server gets ``LORA_EXP_TRACKING_START_DEADLINE`` seconds (default 120) to answer; then
-    TrackerUnavailable."""
+    TrackerUnavailable. A missing package is a UserError at once, any other fault (``faults.classify``) exit 1.
+    A SIGTERM from the moment the run exists ends it KILLED."""
     from mlflow import MlflowClient
 
     uri = run_tracking_uri(run)
     apply_client_defaults()
     end = time.monotonic() + deadline(START_DEADLINE_ENV, 120.0)
     delay = 1.0
-    while True:
-        try:
-            with store_lock(uri):
-                run_id, created = _attach_or_create(MlflowClient(tracking_uri=uri), run, job, state, uri)
-            break
-        except Exception as e:
-            if is_permanent(e) or time.monotonic() + delay > end:
-                raise TrackerUnavailable(f"MLflow at {redact(uri)}: cannot open the run ({first_line(e)})") from None
-            log.warning("MLflow at %s not ready (%s); retrying in %.0f s", redact(uri), first_line(e), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
-    tracker = Tracker(run_id, uri, Spool(state.tracking_dir(run_id))).start()
+    tracker: Tracker | None = None
+    try:
+        while True:
+            try:
+                with store_lock(uri):
+                    run_id, created = _attach_or_create(MlflowClient(tracking_uri=uri), run, job, state, uri)
+                break
+            except Exception as e:
+                fault = classify(e, uri, "cannot open the run")
+                if isinstance(fault, UserError) or is_permanent(e) or time.monotonic() + delay > end:
+                    raise fault from None
+                log.warning("MLflow at %s not ready (%s); retrying in %.0f s", redact(uri), first_line(e), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+        with preemption.held():  # local and quick: the tracker and the run's first records, whole
+            tracker = Tracker(run_id, uri, Spool(state.tracking_dir(run_id))).start()
+            _params(run, state, tracker)
+            if not created:
+                tracker.set_status("RUNNING")
+    except Preempted:
+        _end_killed(run, tracker, state, uri)
+        raise
     if created:
-        params, cut = fit_params(run_params(run))
-        tracker.log_params(params)
-        tracker.set_tags(cut)
-        spec_file = state.tracking_dir(run_id) / "spec.yaml"
-        write_spec(run, spec_file)
-        tracker.log_artifact(spec_file)
         log.info("MLflow run %s (experiment %r) at %s", run_id, run.experiment_name, redact(uri))
     else:
-        tracker.set_status("RUNNING")
         log.info("resuming MLflow run %s at %s", run_id, redact(uri))
     return tracker, created
 
@@ -183,9 +213,9 @@ def mlflow_run(run: Run, job: str, state_dir: RunDir | None = None) -> Iterator[
         state = state_dir or RunDir(Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-exp-run-"))))
         state.root.mkdir(parents=True, exist_ok=True)
         tracker, _ = open_run(run, job, state)
-        if run.spec.tracking.system_metrics:
-            tracker.attach(SystemMetrics(tracker, run.spec.tracking.system_metrics_interval).start())
         try:
+            if run.spec.tracking.system_metrics:
+                tracker.attach(SystemMetrics(tracker, run.spec.tracking.system_metrics_interval).start())
             yield tracker
         except Preempted:
             finish(tracker, "KILLED", 20.0)  # within the pod's grace period; the rest waits in the spool

@@ -15,7 +15,8 @@ from typing import Any
 
 from lora_exp.config.fields import redact_uri
 from lora_exp.config.loading import Run
-from lora_exp.core.errors import TrackerUnavailable
+from lora_exp.core.errors import UserError
+from lora_exp.tracking.faults import classify, missing_package
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,26 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+def check_store_packages(uri: str) -> None:
+    """The packages MLflow needs for the store ``uri`` names import (``lora_exp.tracking.faults``): else
+    UserError (exit 2) naming the package, before anything is written (a lock file, the sqlite store)."""
+    problem = missing_package(uri)
+    if problem:
+        raise UserError(f"MLflow at {redact(uri)}: {problem}")
+
+
 def probe(uri: str, timeout: float = 5.0) -> None:
     """One cheap request with no retries: a server that does not answer is known in seconds, before a model
-    loads, instead of after minutes of client retries. Raises TrackerUnavailable."""
+    loads, instead of after minutes of client retries. Raises what ``faults.classify`` makes of a failure:
+    TrackerUnavailable (exit 75) for an outage only."""
     from mlflow import MlflowClient
 
+    check_store_packages(uri)
     with store_lock(uri), _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout))):
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as e:
-            raise TrackerUnavailable(f"MLflow at {redact(uri)} does not answer ({type(e).__name__}: "
-                                     f"{first_line(e)}); nothing was loaded or written") from None
-
-
-def first_line(e: BaseException) -> str:
-    text = redact(str(e).strip())
-    return text.splitlines()[0][:300] if text else type(e).__name__
+            raise classify(e, uri, "does not answer", "; nothing was loaded or written") from None
 
 
 def error_code(e: BaseException) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_exp.core import tags
-from lora_exp.tracking.server import error_code, first_line, is_permanent, redact
+from lora_exp.tracking.faults import first_line
+from lora_exp.tracking.server import error_code, is_permanent, redact
 from lora_exp.tracking.sysmetrics import PREFIX as SYSTEM_PREFIX
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class Spool:
 
     def pending(self) -> bool:
         return self.path.stat().st_size > self.flushed()
+
+    def holds(self, kind: str) -> bool:
+        """Whether any record (of any attempt) is of this kind (``params``, ``status``, ...)."""
+        return any(kind in record for record, _ in self.read(0))
 
     def steps(self) -> dict[str, int]:
         """Per metric, the highest step already spooled (by any attempt)."""
