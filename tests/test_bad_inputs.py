@@ -137,6 +137,16 @@ def FILE(split: str, name: str, content: str | bytes) -> Mutation:
     return apply
 
 
+def _truncate(name: str) -> Callable[[Path], None]:
+    """Keep the first half of the model's file ``name`` (an interrupted download)."""
+
+    def edit(model: Path) -> None:
+        data = (model / name).read_bytes()
+        (model / name).write_bytes(data[: len(data) // 2])
+
+    return edit
+
+
 def MODEL(edit: Callable[[Path], None]) -> Mutation:
     """A copy of the tiny model, edited."""
 
@@ -233,6 +243,9 @@ CASES: list[tuple[str, list[Mutation], tuple[str, ...]]] = [
     ("latin-1-byte", [RAW("experiment:\n  name: caf\xe9\n  runs: {a: {}}\n".encode("latin-1"))],
      ("not UTF-8", "line 2")),
     ("runs-missing", [RAW("experiment:\n  name: toy\n")], ("experiment.runs", "Field required")),
+    ("training-seed-too-big", [S("training.seed", 2**32)], ("training.seed", "4294967296")),
+    ("data-seed-negative", [S("data.seed", -1)], ("data.seed", "greater than or equal to 0")),
+    ("label-column-as-text", [S("task.text_fields", ["text", "label"])], ("text_fields", "'label' is the label column")),
     ("runs-empty", [EXP("runs", {})], ("experiment.runs", "at least 1")),
     ("run-name-escapes", [RUNS({"../../x": {}})], ("experiment.runs", "../../x")),
     ("run-name-space", [RUNS({"my run": {}})], ("experiment.runs", "my run")),
@@ -284,6 +297,10 @@ CASES: list[tuple[str, list[Mutation], tuple[str, ...]]] = [
     ("model-dir-no-tokenizer", [MODEL(_drop_tokenizer)], ("model.name", "no tokenizer files")),
     ("model-config-not-json", [MODEL(lambda m: (m / "config.json").write_text("{oops"))],
      ("config.json", "not readable JSON")),
+    ("model-weights-truncated", [MODEL(_truncate("model.safetensors"))],
+     ("model.name", "model.safetensors", "not a whole safetensors file")),
+    ("model-tokenizer-json-corrupt", [MODEL(lambda m: (m / "tokenizer.json").write_text('{"version": "1.0", "mo'))],
+     ("model.name", "tokenizer.json", "not readable JSON")),
     ("max-length-over-positions", [S("model.max_length", 256)], ("model.max_length", "256", "128 positions")),
     ("offline-model-not-cached", [S("model.name", "nobody/no-such-model"), ENV(HF_HUB_OFFLINE="1")],
      ("model.name", "not in the local hub cache", "HF_HUB_OFFLINE")),

@@ -123,6 +123,13 @@ class TaskSpec(Strict):
         if clash:
             raise ValueError(f"split name(s) {clash} clash with the trainer's metric prefixes; rename the split")
         return v
+
+    @model_validator(mode="after")
+    def _label_is_not_text(self) -> TaskSpec:
+        label = self.label_field or "label"
+        if label in (self.text_fields or ()):
+            raise ValueError(f"text_fields: {label!r} is the label column; the model would read the answer")
+        return self
     doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by overlapping context windows (128).")
     max_answer_length: int | None = Field(None, ge=1, description="qa: longest answer span in tokens (30).")
 
@@ -145,7 +152,7 @@ class DataSpec(Strict):
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this share of the training subset as an internal validation split."
     )
-    seed: int = Field(42, description="Seed for subsetting and the internal split.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for subsetting and the internal split.")
 
 
 class FormulationSpec(Strict):
@@ -237,7 +244,7 @@ class TrainingSpec(Strict):
     )
     zero_offload: bool = Field(False, description="Keep optimizer state (and stage-3 parameters) in CPU memory "
                                "(ZeRO offload; FSDP2 CPU offload).")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed of weights' init and data order (NumPy's bound: < 2**32).")
 
     @model_validator(mode="after")
     def _cadence(self) -> TrainingSpec:
@@ -390,7 +397,7 @@ class SweepSpec(Strict):
     sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna's sampler.")
     trials: int = Field(8, ge=1, le=10_000, description="The trial budget, all workers together.")
     workers: int = Field(2, ge=1, le=64, description="Parallel workers (the chart's Indexed Job pods).")
-    seed: int = Field(0, description="The sampler's seed.")
+    seed: int = Field(0, ge=0, lt=2**32, description="The sampler's seed.")
     storage: Text | None = Field(
         None, description="Optuna storage URL (e.g. postgresql://...); default a journal file beside the trials "
         "(<output_root>/<experiment>/<run>/study.journal), which workers on one shared volume use together.")

@@ -131,7 +131,28 @@ def local_model_config(name: str) -> dict[str, Any]:
         raise UserError(f"model.name: {path / 'config.json'} is not readable JSON ({e})") from None
     if not isinstance(config, dict):
         raise UserError(f"model.name: {path / 'config.json'} is not a JSON object")
+    check_model_files(path)
     return config
+
+
+def check_model_files(path: Path) -> None:
+    """What loading would trip on after seconds of work, found by reading headers only: every safetensors file
+    whole (its header's tensors inside the file: a truncated download or copy), tokenizer.json parseable."""
+    from safetensors import SafetensorError, safe_open  # the Rust reader alone: no framework is imported
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"model.name: {weights} is not a whole safetensors file ({e}); download or copy it "
+                            "again") from None
+    tokenizer = path / "tokenizer.json"
+    if tokenizer.is_file():
+        try:
+            json.loads(tokenizer.read_bytes())
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.name: {tokenizer} is not readable JSON ({e}); save the tokenizer again") from None
 
 
 def cached_hub_config(name: str, revision: str | None) -> dict[str, Any] | None:
