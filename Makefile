@@ -28,6 +28,8 @@ help:
 	@echo "make image  - build the CPU job image and the MLflow image with podman or docker"
 	@echo "make image-test - run the chart's rendered pods from them: offline smoke, MLflow on PostgreSQL, 2-pod torchrun"
 	@echo "make k8s-*  - chart, images and manifests: see mk/k8s.mk"
+	@echo "make load-test - the MLflow server on PostgreSQL under 5..100 concurrent jobs, slow and restarted"
+	@echo "              -> outputs/load-test/report.md (docs/reliability.md); load-test-ci: a smaller N, < 5 min"
 
 # From Debian, what the tests and the seed replays need and the demo does not: METEOR's WordNet (nltk would
 # download it; seed 003 scores with METEOR, so `make seeds` installs it first, not 23 minutes in), and
@@ -104,3 +106,4 @@ clean:
 	rm -rf outputs mlflow.db mlartifacts .pytest_cache
 
 -include mk/k8s.mk
+-include mk/load.mk
