@@ -66,10 +66,10 @@ def loftq_init(peft_model: Any, model: ModelSpec) -> int:
         quantized = bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
         if weight.shape != quantized.shape:  # GPT-2's Conv1D stores (in, out)
             weight = weight.T
+        u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)  # once: each adapter takes its rank
         with torch.no_grad():
             for adapter in module.lora_A:
                 rank = module.r[adapter]
-                u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
                 root = s[:rank].sqrt()
                 a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
                 a.copy_((root[:, None] * vh[:rank]).to(a.dtype))

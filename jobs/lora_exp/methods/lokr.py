@@ -9,20 +9,16 @@ from pydantic import Field
 
 from lora_exp.config.schema import MethodSpec
 from lora_exp.methods.base import register_method
-from lora_exp.methods.tuner import PeftTuner, TargetedSpec, targets
+from lora_exp.methods.tuner import LycorisSpec, PeftTuner, lycoris_kwargs
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
 
 
-class LoKrSpec(TargetedSpec):
+class LoKrSpec(LycorisSpec):
     """LoKr adapters (PEFT): a Kronecker-product update per adapted layer."""
 
     name: Literal["lokr"]
-    r: int = Field(8, ge=1, description="Rank of the low-rank Kronecker factor.")
-    alpha: int = Field(8, ge=1, description="Scaling numerator; the update is scaled by alpha/r.")
-    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the update's rank dimension.")
-    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Probability of skipping a layer's update.")
     decompose_both: bool = Field(False, description="Make the left Kronecker factor low-rank too.")
     decompose_factor: int = Field(-1, ge=-1, description="How the dimensions factor (-1: as square as possible).")
 
@@ -39,9 +35,8 @@ class LoKr(PeftTuner):
         from peft import LoKrConfig
 
         m = cast(LoKrSpec, spec.method)
-        return LoKrConfig(task_type=task_type, r=m.r, alpha=m.alpha, rank_dropout=m.rank_dropout,
-                          module_dropout=m.module_dropout, decompose_both=m.decompose_both,
-                          decompose_factor=m.decompose_factor, **targets(model, m.target_modules))
+        return LoKrConfig(task_type=task_type, decompose_both=m.decompose_both, decompose_factor=m.decompose_factor,
+                          **lycoris_kwargs(model, m))
 
 
 register_method(LoKr())

@@ -84,9 +84,12 @@ def task_heads(model: Any) -> list[str] | None:
     return [h for h in TASK_HEADS if h in names] or None
 
 
-def target_modules(m: LoraFields) -> list[str] | str:
-    """The spec's modules, else PEFT's ``all-linear``."""
-    return list(m.target_modules) if m.target_modules else ALL_LINEAR
+def targets(model: Any, modules: list[str] | None) -> dict[str, Any]:
+    """``target_modules``/``exclude_modules`` for a PEFT config: the spec's modules, else all-linear without the
+    task heads (PEFT trains those whole, as modules_to_save)."""
+    if modules:
+        return {"target_modules": list(modules)}
+    return {"target_modules": ALL_LINEAR, "exclude_modules": task_heads(model)}
 
 
 class Lora(Method):
@@ -121,8 +124,7 @@ class Lora(Method):
             r=m.r,
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
-            target_modules=target_modules(m),
-            exclude_modules=task_heads(model) if target_modules(m) == ALL_LINEAR else None,
+            **targets(model, m.target_modules),
             fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (transposed)
             use_dora=m.use_dora,
             use_rslora=m.use_rslora,

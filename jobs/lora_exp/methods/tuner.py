@@ -11,7 +11,7 @@ from pydantic import Field
 from lora_exp.config.schema import MethodSpec
 from lora_exp.core.errors import SpecError
 from lora_exp.methods.base import TrainableRule
-from lora_exp.methods.lora import ALL_LINEAR, TASK_HEADS, Lora, task_heads
+from lora_exp.methods.lora import TASK_HEADS, Lora, targets
 
 if TYPE_CHECKING:
     from lora_exp.config.schema import RunSpec
@@ -25,14 +25,6 @@ class TargetedSpec(MethodSpec):
         "'all-linear'), as for LoRA.")
 
 
-def targets(model: Any, modules: list[str] | None) -> dict[str, Any]:
-    """``target_modules``/``exclude_modules`` for a PEFT config: the spec's modules, else all-linear without the
-    task heads (PEFT trains those whole, as modules_to_save)."""
-    if modules:
-        return {"target_modules": list(modules)}
-    return {"target_modules": ALL_LINEAR, "exclude_modules": task_heads(model)}
-
-
 def linear_layers(model: Any) -> list[str]:
     """all-linear spelled out, for a tuner whose PEFT config has no ``exclude_modules`` (VeRA): the names of the
     model's Linear/Conv1D layers but its output layer and task heads."""
@@ -44,6 +36,21 @@ def linear_layers(model: Any) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
                    and name.rsplit(".", 1)[-1] not in skip})
+
+
+class LycorisSpec(TargetedSpec):
+    """The settings PEFT's LyCORIS tuners (LoKr, LoHa) share."""
+
+    r: int = Field(8, ge=1, description="Rank of the update's low-rank factors.")
+    alpha: int = Field(8, ge=1, description="Scaling numerator; the update is scaled by alpha/r.")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the update's rank dimension.")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Probability of skipping a layer's update.")
+
+
+def lycoris_kwargs(model: Any, m: LycorisSpec) -> dict[str, Any]:
+    """A LyCORIS PEFT config's shared arguments from its spec."""
+    return {"r": m.r, "alpha": m.alpha, "rank_dropout": m.rank_dropout, "module_dropout": m.module_dropout,
+            **targets(model, m.target_modules)}
 
 
 class PeftTuner(Lora):
